@@ -1,0 +1,1 @@
+"""NÜWA on NearbyAttention3D: tokenizers, encoder-decoder, tasks, sampling."""

@@ -1,0 +1,13 @@
+"""nuwa3dna: NÜWA's 3D Nearby Attention (3DNA) with fused Triton kernels and a fast CPU path."""
+from .geometry import count_visible, resolve_extent
+from .module import NearbyAttention3D
+from .ops import nearby_attention
+from .reference import brute_force_nearby_attention, dense_nearby_attention, nearby_mask
+from .torch_path import torch_nearby_attention
+
+__all__ = [
+    "nearby_attention", "NearbyAttention3D",
+    "dense_nearby_attention", "brute_force_nearby_attention", "nearby_mask",
+    "torch_nearby_attention", "count_visible", "resolve_extent",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,100 @@
+"""Validation at the public boundary, done once, naming the bad values.
+
+Backends, kernels and autograd Functions below this layer hold no checks.
+"""
+from __future__ import annotations
+
+import math
+import os
+from numbers import Real
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch", "dense")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_TRITON_HEAD_DIM = 256
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_extent(extent):
+    """Validate an extent: int >= 0, None, or a 3-sequence of those."""
+    def one(e, what):
+        if e is None:
+            return
+        if isinstance(e, bool) or not isinstance(e, int):
+            raise TypeError(f"{what} must be an int >= 0 or None, got {e!r} of type {type(e).__name__}")
+        if e < 0:
+            raise ValueError(f"{what} must be >= 0, got {e}")
+
+    if extent is None or isinstance(extent, (int,)) and not isinstance(extent, bool):
+        one(extent, "extent")
+        return
+    if isinstance(extent, (str, bytes)) or not hasattr(extent, "__len__"):
+        raise TypeError(f"extent must be an int, None or a 3-tuple of those, got {extent=}")
+    if len(extent) != 3:
+        raise ValueError(f"extent must have 3 entries (t, h, w), got {extent=}")
+    for i, e in enumerate(extent):
+        one(e, f"extent[{i}] of {extent=}")
+
+
+def check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend: {backend=}; choose one of {BACKENDS}")
+
+
+def check_inputs(q, k, v, extent, causal, scale, backend):
+    """Validate the arguments of ``nearby_attention``; returns the backend to run."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 6:
+            raise ValueError(
+                f"{name} must have shape (B, T, H, W, heads, D) (6 dims), got {name}.shape={tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {name}.dtype={x.dtype}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}.dtype={x.dtype} is not supported; use float32, float16 or bfloat16")
+        if x.numel() == 0 and 0 in x.shape:
+            raise ValueError(f"{name} is empty: {name}.shape={tuple(x.shape)}; every size must be >= 1")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device=}, {k.device=}, {v.device=}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape, got k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}")
+    for axis, what in ((0, "batch"), (4, "heads"), (5, "head dim")):
+        if q.shape[axis] != k.shape[axis]:
+            raise ValueError(
+                f"q and k differ in {what}: q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
+    check_extent(extent)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal=}")
+    if causal and q.shape[1:4] != k.shape[1:4]:
+        raise ValueError(
+            "causal 3DNA needs the query and key grids to match, got "
+            f"q grid={tuple(q.shape[1:4])}, kv grid={tuple(k.shape[1:4])}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, Real):
+            raise TypeError(f"scale must be a positive number or None, got {scale=}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be positive and finite, got {scale=}")
+    check_backend(backend)
+
+    if backend == "auto":
+        backend = "triton" if q.device.type == "cuda" and q.dtype in TRITON_DTYPES else "torch"
+    if backend == "triton":
+        if q.device.type != "cuda" and not interpreter_enabled():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got device {q.device}); on CPU it runs only "
+                "under the Triton interpreter (set TRITON_INTERPRET=1 before importing nuwa3dna), "
+                "or use backend='torch'")
+        if q.dtype not in TRITON_DTYPES:
+            raise TypeError(f"backend='triton' supports float32, float16, bfloat16, got {q.dtype=}")
+        if q.shape[-1] > MAX_TRITON_HEAD_DIM:
+            raise ValueError(f"backend='triton' supports head dims up to {MAX_TRITON_HEAD_DIM}, got D={q.shape[-1]}")
+    return backend

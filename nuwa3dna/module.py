@@ -1,0 +1,62 @@
+"""``NearbyAttention3D``: 3DNA as an nn.Module with projections (self or cross)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .checks import check_backend, check_extent
+from .ops import nearby_attention
+
+
+class NearbyAttention3D(nn.Module):
+    """Multi-head 3DNA over a (B, T, H, W, dim) token grid.
+
+    ``attn(x)`` is self 3DNA; ``attn(x, context)`` is cross 3DNA to a context
+    grid of any size (B, T', H', W', context_dim), centres rescaled.
+    """
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, extent=(1, 3, 3),
+                 causal: bool = False, context_dim=None, backend: str = "auto", bias: bool = False):
+        super().__init__()
+        for name, val in (("dim", dim), ("heads", heads), ("dim_head", dim_head)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {name}={val!r}")
+        if context_dim is not None and (isinstance(context_dim, bool) or not isinstance(context_dim, int)
+                                        or context_dim < 1):
+            raise ValueError(f"context_dim must be a positive int or None, got {context_dim=}")
+        check_extent(extent)
+        check_backend(backend)
+        self.dim, self.heads, self.dim_head = dim, heads, dim_head
+        self.extent, self.causal, self.backend = extent, bool(causal), backend
+        self.context_dim = context_dim
+        inner = heads * dim_head
+        self.to_q = nn.Linear(dim, inner, bias=bias)
+        self.to_kv = nn.Linear(dim if context_dim is None else context_dim, 2 * inner, bias=bias)
+        self.to_out = nn.Linear(inner, dim)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.heads}, dim_head={self.dim_head}, extent={self.extent}, "
+                f"causal={self.causal}, context_dim={self.context_dim}, backend={self.backend!r}")
+
+    def _check(self, x, context):
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[-1] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (B, T, H, W, dim={self.dim}), got x.shape={shape}")
+        if context is None:
+            return
+        cdim = self.dim if self.context_dim is None else self.context_dim
+        if not isinstance(context, torch.Tensor) or context.dim() != 5 or context.shape[-1] != cdim:
+            shape = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise ValueError(f"context must have shape (B, T', H', W', context_dim={cdim}), got context.shape={shape}")
+        if context.shape[0] != x.shape[0]:
+            raise ValueError(f"x and context differ in batch: x.shape={tuple(x.shape)}, context.shape={tuple(context.shape)}")
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor = None) -> torch.Tensor:
+        self._check(x, context)
+        if context is None and self.context_dim is not None:
+            raise ValueError(f"this module was built for cross-attention ({self.context_dim=}); pass a context")
+        src = x if context is None else context
+        q = self.to_q(x).unflatten(-1, (self.heads, self.dim_head))
+        k, v = self.to_kv(src).unflatten(-1, (2, self.heads, self.dim_head)).unbind(-3)
+        out = nearby_attention(q, k, v, self.extent, causal=self.causal, backend=self.backend)
+        return self.to_out(out.flatten(-2))
