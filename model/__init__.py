@@ -1,1 +1,14 @@
-"""NÜWA on NearbyAttention3D: tokenizers, encoder-decoder, tasks, sampling."""
+"""NÜWA on NearbyAttention3D: tokenizers, encoder-decoder, the eight tasks, sampling with a KV cache.
+
+Start with ``NuwaPipeline`` (pipeline.py) and ``NuwaConfig`` (config.py);
+the task formations are documented in tasks.py.
+"""
+from .config import NuwaConfig
+from .nuwa import Nuwa
+from .pipeline import NuwaPipeline
+from .sampling import sample_tokens
+from .tasks import TASKS
+from .tokenizers import ByteTextTokenizer, SketchTokenizer, VQTokenizer
+
+__all__ = ["NuwaConfig", "Nuwa", "NuwaPipeline", "TASKS", "VQTokenizer", "SketchTokenizer",
+           "ByteTextTokenizer", "sample_tokens"]

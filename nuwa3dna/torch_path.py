@@ -1,50 +1,494 @@
-"""The PyTorch 3DNA path: tiled, never materialises queries x keys.
+"""The fast PyTorch 3DNA path (CPU): tiled batched matmuls, recompute backward.
 
-Each query tile (one frame x a block of rows x a block of columns) sees a box
-of keys (its window's union, clipped); the box is sliced out of the key grid
-(no copy of the whole grid), scored, masked from coordinates and softmaxed in
-float32. Autograd runs through the tiles.
+Layout. Queries are cut into tiles of 1 frame x ``bh`` rows x ``bw`` columns.
+Keys and values are re-laid once per call into overlapping column *strips*:
+strip s holds the ``Lw`` key columns that the query columns s*bw..s*bw+bw-1
+can see (``Lw = bw + 2*e_w`` for self-attention), for every frame and row. In
+that layout the keys a query tile sees in one key frame (``Lh`` rows x ``Lw``
+columns) are one contiguous (Lh*Lw, D) matrix, so a whole row of tiles x
+heads x batch is one ``torch.bmm`` on views, with no gather. Key frames are a
+short Python loop (2*e_t+1 at most; frames outside the grid are skipped, and
+causal skips future frames).
+
+Masking. Visibility depends only on the tile's (row, strip) position and on
+whether the key frame is the query frame (causal), never on the frame index
+or batch/head, so one additive bias (0 / -inf) per (row tile, strip) is built
+once per geometry, cached, and broadcast over frames, batch and heads. Keys in
+padding (outside the grid) are zeros with bias -inf; padded queries get bias 0
+so they stay finite and are dropped.
+
+Numerics: scores, softmax and accumulation in float32 (float64 for float64
+inputs, used by gradcheck); fp16/bf16 inputs are up-cast while being re-laid,
+which costs nothing extra since the re-layout copies anyway. The forward saves
+the log-sum-exp; the backward recomputes probabilities per tile
+(FlashAttention style), so memory is linear in tokens: the largest temporary
+is one chunk of scores (about 1 MiB) and the strip copies (about
+(bw + 2 e_w) / bw times k and v).
+
+Untested here: speed (benchmarks/ measures it); the tile-size heuristic's
+choice is only checked for correctness, not optimality, on shapes beyond the
+named workloads.
 """
 from __future__ import annotations
 
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import List, Optional, Tuple
+
 import torch
 
-from .geometry import Grid, grid_coords, key_range, visible
+from .geometry import Grid, centre_int
 
-TILE_H, TILE_W = 8, 8
+# Score-chunk target in elements: 2 cores x ~1 MiB L2 each hold about 512K
+# floats; measured on cpu-mid, 192K-512K are within noise, 2M is ~15% slower.
+CHUNK_ELEMS = 320 * 1024
+
+# Tile override for benchmarks/experiments: None lets ``choose_tiles`` decide.
+TILE_OVERRIDE: Optional[Tuple[int, int]] = None
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Workspace(threading.local):
+    """Per-thread scratch buffers reused across calls.
+
+    Fresh 50 MB tensors are page-faulted in on first touch: on this machine
+    that cost ~0.4 ms per MB, i.e. ~80 ms of cpu-mid's forward for the strip
+    copies alone, more than the copies themselves. Reusing buffers keeps the
+    largest ones (strips, tiles) warm. They hold memory between calls (linear
+    in tokens: about 8x the size of q for cpu-mid); ``clear_workspace()`` frees them.
+    """
+
+    def __init__(self):
+        self.bufs = {}
+
+    def get(self, name: str, shape, dtype, device) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self.bufs[name] = buf
+        return buf[:numel].view(shape)
+
+
+_WS = _Workspace()
+
+
+def clear_workspace() -> None:
+    """Free the scratch buffers this thread keeps between calls."""
+    _WS.bufs.clear()
+
+
+def _halo(n_q: int, n_kv: int, e: int, b: int) -> Tuple[int, int]:
+    """(tiles, max key span) along one axis for tiles of ``b`` queries."""
+    tiles = -(-n_q // b)
+    span = 0
+    for j in range(tiles):
+        lo, hi = j * b, min(n_q, j * b + b) - 1
+        span = max(span, centre_int(hi, n_q, n_kv) - centre_int(lo, n_q, n_kv) + 2 * e + 1)
+    return tiles, span
+
+
+# Relative bmm speed by rows per tile (nq), measured with (nq x 64) @ (64 x 112)
+# batched on this 2-core AVX-512 machine: 4 -> 74, 8 -> 106, 16 -> 137, 32 -> 160 GFLOP/s.
+def _mm_rate(nq: int) -> float:
+    pts = ((1, 20.0), (4, 74.0), (8, 106.0), (16, 137.0), (32, 160.0), (64, 170.0))
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if nq <= x1:
+            return y0 + (y1 - y0) * (nq - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
+def choose_tiles(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool) -> Tuple[int, int]:
+    """Pick (bh, bw) minimising modelled time per query: the key halo each query
+    pays for (matmul work and softmax work), divided by the bmm rate at that tile
+    height, plus a per-chunk Python overhead. For cpu-mid (e=3,3) it picks 4x4
+    (49% of computed scores are useful) over 2x8 (44%) and 8x8 (25%)."""
+    if TILE_OVERRIDE is not None:
+        return TILE_OVERRIDE
+    _, H, W = q_grid
+    _, H2, W2 = kv_grid
+    best = None
+    for bh in range(1, min(H, 16) + 1):
+        for bw in range(1, min(W, 16) + 1):
+            nq = bh * bw
+            if nq > 64 or (nq < 8 and (bh < H or bw < W)):
+                continue
+            nht, lh = _halo(H, H2, extent[1], bh)
+            ns, lw = _halo(W, W2, extent[2], bw)
+            lh, lw = min(lh, H2 + 2 * extent[1]), min(lw, W2 + 2 * extent[2])
+            padded_q = nht * bh * ns * bw
+            keys = lh * lw
+            # per computed score: 2 matmuls of D, plus ~4 elementwise passes
+            # (softmax) worth about 30 flops of matmul time each at these sizes.
+            cost = padded_q * keys * (1.0 / _mm_rate(nq) + 30.0 / 128.0 / 137.0)
+            cost += nht * 2e3 / 137.0            # ~15 ops x ~10 us per chunk, in the same units
+            cost *= 1.0 + 0.05 * (lw / bw)       # strip copies
+            if best is None or cost < best[0]:
+                best = (cost, bh, bw)
+    return best[1], best[2]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    bh: int
+    bw: int
+    nht: int            # row tiles
+    ns: int             # column strips
+    lh: int             # key rows per tile halo
+    lw: int             # key columns per strip
+    pad_top: int        # zero rows above the key grid in the strip layout
+    h2p: int            # padded key rows
+    row_start: Tuple[int, ...]    # per row tile, first halo row in padded rows
+    col_start: Tuple[int, ...]    # per strip, first key column (may be < 0)
+    frames: Tuple[Tuple[int, int], ...]   # per query frame, key frames [a0, a1)
+
+
+@lru_cache(maxsize=64)
+def geometry(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, bh: int, bw: int) -> Geometry:
+    T, H, W = q_grid
+    T2, H2, W2 = kv_grid
+    et, eh, ew = extent
+    nht, lh = _halo(H, H2, eh, bh)
+    ns, lw = _halo(W, W2, ew, bw)
+    rows = [centre_int(j * bh, H, H2) - eh for j in range(nht)]
+    cols = [centre_int(s * bw, W, W2) - ew for s in range(ns)]
+    pad_top = max(0, -min(rows))
+    h2p = max(pad_top + H2, max(rows) + pad_top + lh)
+    frames = []
+    for t in range(T):
+        c = centre_int(t, T, T2)
+        a0, a1 = max(0, c - et), min(T2, c + et + 1)
+        if causal:
+            a1 = min(a1, t + 1)
+        frames.append((a0, a1))
+    return Geometry(bh, bw, nht, ns, lh, lw, pad_top, h2p,
+                    tuple(r + pad_top for r in rows), tuple(cols), tuple(frames))
+
+
+@lru_cache(maxsize=64)
+def _bias(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, bh: int, bw: int,
+          dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (1 + causal, nht, ns, bh*bw, lh*lw): 0 visible, -inf hidden.
+
+    Index 0 is for key frames other than the query's (window only); index 1
+    (causal only) for the query's own frame, adding the raster condition,
+    which within one frame only compares (row, col). Padded queries see 0.
+    Size is linear in H*W (about 1 MiB for cpu-mid), independent of T, B, heads.
+    """
+    g = geometry(q_grid, kv_grid, extent, causal, bh, bw)
+    _, H, W = q_grid
+    _, H2, W2 = kv_grid
+    _, eh, ew = extent
+    j = torch.arange(g.nht)[:, None, None, None, None, None]
+    s = torch.arange(g.ns)[None, :, None, None, None, None]
+    y = torch.arange(bh)[None, None, :, None, None, None]
+    x = torch.arange(bw)[None, None, None, :, None, None]
+    i = torch.arange(g.lh)[None, None, None, None, :, None]
+    l = torch.arange(g.lw)[None, None, None, None, None, :]
+    h = j * bh + y
+    w = s * bw + x
+    b = torch.tensor(g.row_start)[j] - g.pad_top + i
+    c = torch.tensor(g.col_start)[s] + l
+    ch = torch.div(h * H2, H, rounding_mode="floor")
+    cw = torch.div(w * W2, W, rounding_mode="floor")
+    ok = ((b >= 0) & (b < H2) & (c >= 0) & (c < W2)
+          & ((b - ch).abs() <= eh) & ((c - cw).abs() <= ew))
+    pad_q = (h >= H) | (w >= W)
+    masks = [ok]
+    if causal:
+        masks.append(ok & (b * W2 + c <= h * W + w))
+    out = torch.stack([torch.where(m | pad_q, 0.0, float("-inf")) for m in masks])
+    return out.reshape(len(masks), g.nht, g.ns, bh * bw, g.lh * g.lw).to(dtype).contiguous()
+
+
+def _setup(q, k, extent, causal):
+    B, T, H, W, heads, D = q.shape
+    kv_grid = tuple(k.shape[1:4])
+    q_grid = (T, H, W)
+    bh, bw = choose_tiles(q_grid, kv_grid, tuple(extent), causal)
+    g = geometry(q_grid, kv_grid, tuple(extent), causal, bh, bw)
+    return q_grid, kv_grid, g
+
+
+def _tile_q(x: torch.Tensor, g: Geometry, dtype, name: str, scale: float = 1.0) -> torch.Tensor:
+    """(B, T, H, W, heads, *rest) -> tile layout (T, nht, B*heads*ns, bh*bw, *rest), zero padded."""
+    B, T, H, W, heads = x.shape[:5]
+    rest = x.shape[5:]
+    Hp, Wp = g.nht * g.bh, g.ns * g.bw
+    if (Hp, Wp) != (H, W):
+        xp = x.new_zeros((B, T, Hp, Wp, heads) + rest)
+        xp[:, :, :H, :W] = x
+        x = xp
+    src = x.reshape((B, T, g.nht, g.bh, g.ns, g.bw, heads) + rest)
+    src = src.permute((1, 2, 0, 6, 4, 3, 5) + tuple(range(7, 7 + len(rest))))
+    out = _WS.get(name, src.shape, dtype, x.device)
+    if scale != 1.0:
+        torch.mul(src, scale, out=out)
+    else:
+        out.copy_(src)
+    return out.reshape((T, g.nht, B * heads * g.ns, g.bh * g.bw) + rest)
+
+
+def _untile_q(xt: torch.Tensor, g: Geometry, shape, dtype, scale: float = 1.0) -> torch.Tensor:
+    """Inverse of ``_tile_q``: tile layout -> (B, T, H, W, heads, *rest) contiguous."""
+    B, T, H, W, heads = shape[:5]
+    rest = tuple(shape[5:])
+    Hp, Wp = g.nht * g.bh, g.ns * g.bw
+    src = xt.reshape((T, g.nht, B, heads, g.ns, g.bh, g.bw) + rest)
+    src = src.permute((2, 0, 1, 5, 4, 6, 3) + tuple(range(7, 7 + len(rest))))
+    out = torch.empty((B, T, Hp, Wp, heads) + rest, dtype=dtype, device=xt.device)
+    dst = out.view((B, T, g.nht, g.bh, g.ns, g.bw, heads) + rest)
+    if scale != 1.0:
+        torch.mul(src, scale, out=dst)
+    else:
+        dst.copy_(src)
+    return out if (Hp, Wp) == (H, W) else out[:, :, :H, :W].contiguous()
+
+
+def _strips(x: torch.Tensor, g: Geometry, dtype, name: str) -> torch.Tensor:
+    """(B, T2, H2, W2, heads, D) -> strip layout (B*heads, ns, T2, h2p, lw, D), zeros outside the grid.
+
+    Two copies: one to a zero-bordered (B, heads, T2, h2p, Wpad, D) grid, then
+    one per strip, each moving contiguous runs of lw*D values (a direct
+    permute-and-slice copy per strip measured 34 ms for cpu-mid's k, this 10 ms).
+    """
+    B, T2, H2, W2, heads, D = x.shape
+    left = max(0, -min(g.col_start))
+    wpad = max(left + W2, max(g.col_start) + left + g.lw)
+    top, bot = g.pad_top, g.pad_top + H2
+    grid = _WS.get("grid", (B, heads, T2, g.h2p, wpad, D), dtype, x.device)
+    grid[:, :, :, :top].zero_()
+    grid[:, :, :, bot:].zero_()
+    grid[:, :, :, top:bot, :left].zero_()
+    grid[:, :, :, top:bot, left + W2:].zero_()
+    grid[:, :, :, top:bot, left:left + W2].copy_(x.permute(0, 4, 1, 2, 3, 5))
+    out = _WS.get(name, (B, heads, g.ns, T2, g.h2p, g.lw, D), dtype, x.device)
+    for s, c0 in enumerate(g.col_start):
+        out[:, :, s].copy_(grid[:, :, :, :, left + c0:left + c0 + g.lw])
+    return out.reshape(B * heads, g.ns, T2, g.h2p, g.lw, D)
+
+
+def _unstrip(xs: torch.Tensor, g: Geometry, shape, dtype) -> torch.Tensor:
+    """Sum a strip-layout gradient back onto the key grid: (B, T2, H2, W2, heads, D)."""
+    B, T2, H2, W2, heads, D = shape
+    xs = xs.reshape(B, heads, g.ns, T2, g.h2p, g.lw, D)
+    left = max(0, -min(g.col_start))
+    wpad = max(left + W2, max(g.col_start) + left + g.lw)
+    grid = _WS.get("grid", (B, heads, T2, g.h2p, wpad, D), xs.dtype, xs.device).zero_()
+    for s, c0 in enumerate(g.col_start):
+        grid[:, :, :, :, left + c0:left + c0 + g.lw] += xs[:, :, s]
+    out = torch.empty(shape, dtype=dtype, device=xs.device)
+    top = g.pad_top
+    out.copy_(grid[:, :, :, top:top + H2, left:left + W2].permute(0, 2, 3, 4, 1, 5))
+    return out
+
+
+def _chunks(g: Geometry, BH: int, nf: int, min_parts: int = 1):
+    """Split B*heads so that one chunk of scores (nf, BH_chunk*ns, nq, nk) is ~CHUNK_ELEMS."""
+    per = max(1, nf * g.ns * g.bh * g.bw * g.lh * g.lw)
+    step = max(1, min(-(-BH // min_parts), CHUNK_ELEMS // per))
+    return [(b0, min(BH, b0 + step)) for b0 in range(0, BH, step)]
+
+
+def _split(xs: list, n: int) -> List[list]:
+    """``xs`` cut into at most ``n`` contiguous, non-empty, near-equal parts."""
+    n = max(1, min(n, len(xs)))
+    cuts = [len(xs) * i // n for i in range(n + 1)]
+    return [xs[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+# Worker threads. Many small ops that each fork/join 2 OpenMP threads stall on
+# every barrier when the cores are shared: measured with the machine's load at
+# ~6, cpu-mid forward took 1.26 s with 2 OpenMP threads and 0.38 s with 1.
+# So each worker runs its share of tiles single-threaded (torch releases the
+# GIL inside ops) and the workers meet only once, at the end of the call.
+_POOL: Optional[ThreadPoolExecutor] = None
+
+
+def _workers() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _single_threaded(fn, arg):
+    torch.set_num_threads(1)      # per-thread OpenMP/MKL setting in this worker
+    fn(arg)
+
+
+def _run(fn, parts: List[list]) -> None:
+    """Run ``fn(part)`` for every part, one part per thread, ops single-threaded."""
+    parts = [p for p in parts if p]
+    if len(parts) <= 1:
+        for p in parts:
+            fn(p)
+        return
+    global _POOL
+    if _POOL is None or _POOL._max_workers < len(parts) - 1:
+        _POOL = ThreadPoolExecutor(max_workers=len(parts) - 1, thread_name_prefix="nuwa3dna")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        futures = [_POOL.submit(_single_threaded, fn, p) for p in parts[1:]]
+        fn(parts[0])
+        for f in futures:
+            f.result()
+    finally:
+        torch.set_num_threads(prev)
+
+
+def nearby_forward(q, k, v, extent: Grid, causal: bool, scale: float):
+    """Forward: returns (out in q's dtype, lse (B, T, H, W, heads) float32/64). Unchecked."""
+    B, T, H, W, heads, D = q.shape
+    q_grid, kv_grid, g = _setup(q, k, extent, causal)
+    acc = _acc_dtype(q.dtype)
+    BH, ns, nq, nk = B * heads, g.ns, g.bh * g.bw, g.lh * g.lw
+    qs = _tile_q(q, g, acc, "q", scale)                    # (T, nht, BH*ns, nq, D), pre-scaled
+    ks, vs = _strips(k, g, acc, "k"), _strips(v, g, acc, "v")   # (BH, ns, T2, h2p, lw, D)
+    bias = _bias(q_grid, kv_grid, tuple(extent), causal, g.bh, g.bw, acc)
+    os_ = _WS.get("o", qs.shape, acc, q.device).fill_(float("nan"))    # poisoned: every tile must write
+    lse = _WS.get("lse", qs.shape[:-1], acc, q.device).fill_(float("nan"))
+    max_nf = max(a1 - a0 for a0, a1 in g.frames)
+    chunks = _chunks(g, BH, max_nf)
+    size = max_nf * (chunks[0][1] - chunks[0][0]) * ns * nq * nk
+
+    def work(items):
+        buf = torch.empty(size, dtype=acc, device=q.device)
+        for t, j, b0, b1 in items:
+            a0, a1 = g.frames[t]
+            nf = a1 - a0
+            same = causal and (a1 - 1 == t)
+            r0 = g.row_start[j]
+            n = (b1 - b0) * ns
+            qc = qs[t, j, b0 * ns:b1 * ns]
+            s = buf[:nf * n * nq * nk].view(nf, n, nq, nk)
+            for i in range(nf):
+                kc = ks[b0:b1, :, a0 + i, r0:r0 + g.lh].reshape(n, nk, D)
+                torch.bmm(qc, kc.transpose(1, 2), out=s[i])
+            sv = s.view(nf, b1 - b0, ns, nq, nk)
+            if same:
+                if nf > 1:
+                    sv[:nf - 1].add_(bias[0, j])
+                sv[nf - 1].add_(bias[1, j])
+            else:
+                sv.add_(bias[0, j])
+            m = s.amax(dim=(0, 3), keepdim=True)
+            s.sub_(m).exp_()
+            l = s.sum(dim=(0, 3))
+            oc = os_[t, j, b0 * ns:b1 * ns]
+            for i in range(nf):
+                vc = vs[b0:b1, :, a0 + i, r0:r0 + g.lh].reshape(n, nk, D)
+                if i == 0:
+                    torch.bmm(s[0], vc, out=oc)
+                else:
+                    oc.baddbmm_(s[i], vc)
+            oc.div_(l.unsqueeze(-1))
+            lc = lse[t, j, b0 * ns:b1 * ns]
+            torch.log(l, out=lc)
+            lc.add_(m.view(n, nq))
+
+    # Batch*head outermost: one head's strips (~6 MB of k and v for cpu-mid)
+    # stay in cache while its frames and row tiles sweep over them.
+    items = [(t, j, b0, b1) for b0, b1 in chunks for j in range(g.nht) for t in range(T)]
+    _run(work, _split(items, _workers()))
+    out = _untile_q(os_, g, q.shape, q.dtype)
+    lse_nat = _untile_q(lse, g, q.shape[:5], acc)
+    return out, lse_nat
+
+
+def nearby_backward(dout, q, k, v, out, lse, extent: Grid, causal: bool, scale: float):
+    """Backward by recomputation; returns (dq, dk, dv) in the inputs' dtype. Unchecked."""
+    B, T, H, W, heads, D = q.shape
+    q_grid, kv_grid, g = _setup(q, k, extent, causal)
+    acc = _acc_dtype(q.dtype)
+    BH, ns, nq, nk = B * heads, g.ns, g.bh * g.bw, g.lh * g.lw
+    qs = _tile_q(q, g, acc, "q", scale)
+    dos = _tile_q(dout, g, acc, "do")
+    ks, vs = _strips(k, g, acc, "k"), _strips(v, g, acc, "v")
+    # delta = rowsum(dO * O): the softmax-Jacobian term of every query, in float32.
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    deltas = _tile_q(delta, g, acc, "delta")                # (T, nht, BH*ns, nq)
+    lses = _tile_q(lse, g, acc, "lse")
+    bias = _bias(q_grid, kv_grid, tuple(extent), causal, g.bh, g.bw, acc)
+    dqs = _WS.get("dq", qs.shape, acc, q.device).fill_(float("nan"))      # poisoned
+    dks = _WS.get("dk", ks.shape, acc, q.device).zero_()
+    dvs = _WS.get("dv", vs.shape, acc, q.device).zero_()
+    max_nf = max(a1 - a0 for a0, a1 in g.frames)
+    chunks = _chunks(g, BH, max_nf, min_parts=_workers())
+    size = max_nf * (chunks[0][1] - chunks[0][0]) * ns * nq * nk
+
+    def work(items):
+        pbuf, dpbuf = (torch.empty(size, dtype=acc, device=q.device) for _ in range(2))
+        for t, j, b0, b1 in items:
+            a0, a1 = g.frames[t]
+            nf = a1 - a0
+            same = causal and (a1 - 1 == t)
+            r0 = g.row_start[j]
+            n = (b1 - b0) * ns
+            qc = qs[t, j, b0 * ns:b1 * ns]
+            doc = dos[t, j, b0 * ns:b1 * ns]
+            p = pbuf[:nf * n * nq * nk].view(nf, n, nq, nk)
+            dp = dpbuf[:nf * n * nq * nk].view(nf, n, nq, nk)
+            kcs = [ks[b0:b1, :, a0 + i, r0:r0 + g.lh].reshape(n, nk, D) for i in range(nf)]
+            vcs = [vs[b0:b1, :, a0 + i, r0:r0 + g.lh].reshape(n, nk, D) for i in range(nf)]
+            for i in range(nf):
+                torch.bmm(qc, kcs[i].transpose(1, 2), out=p[i])
+                torch.bmm(doc, vcs[i].transpose(1, 2), out=dp[i])
+            pv = p.view(nf, b1 - b0, ns, nq, nk)
+            if same:
+                if nf > 1:
+                    pv[:nf - 1].add_(bias[0, j])
+                pv[nf - 1].add_(bias[1, j])
+            else:
+                pv.add_(bias[0, j])
+            p.sub_(lses[t, j, b0 * ns:b1 * ns].unsqueeze(-1)).exp_()
+            # dS = P * (dP - delta)
+            dp.sub_(deltas[t, j, b0 * ns:b1 * ns].unsqueeze(-1)).mul_(p)
+            dqc = dqs[t, j, b0 * ns:b1 * ns]
+            for i in range(nf):
+                if i == 0:
+                    torch.bmm(dp[0], kcs[0], out=dqc)
+                else:
+                    dqc.baddbmm_(dp[i], kcs[i])
+                dks[b0:b1, :, a0 + i, r0:r0 + g.lh].view(n, nk, D).baddbmm_(dp[i].transpose(1, 2), qc)
+                dvs[b0:b1, :, a0 + i, r0:r0 + g.lh].view(n, nk, D).baddbmm_(p[i].transpose(1, 2), doc)
+
+    # Key halos of neighbouring tiles overlap, so the dk/dv accumulations of two
+    # workers must never meet: workers own disjoint batch*head ranges (chunks
+    # are cut so that there are at least as many ranges as workers).
+    parts = [[(t, j, b0, b1) for b0, b1 in part for t in range(T) for j in range(g.nht)]
+             for part in _split(chunks, _workers())]
+    _run(work, parts)
+    dq = _untile_q(dqs, g, q.shape, q.dtype, scale)
+    dk = _unstrip(dks, g, k.shape, k.dtype)
+    dv = _unstrip(dvs, g, v.shape, v.dtype)
+    return dq, dk, dv
+
+
+class _NearbyAttentionFn(torch.autograd.Function):
+    """Autograd for the torch path: saves q, k, v, out, lse; recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, extent, causal, scale):
+        out, lse = nearby_forward(q, k, v, extent, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (extent, causal, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = nearby_backward(dout, q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None
 
 
 def torch_nearby_attention(q, k, v, extent: Grid, causal: bool, scale: float) -> torch.Tensor:
     """3DNA with resolved ``extent`` (three ints) and numeric ``scale``; unchecked."""
-    B, T, H, W, heads, D = q.shape
-    T2, H2, W2 = k.shape[1:4]
-    q_grid, kv_grid = (T, H, W), (T2, H2, W2)
-    et, eh, ew = extent
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    rows = []
-    for t in range(T):
-        a0, a1 = key_range(t, t + 1, T, T2, et)
-        if causal:
-            a1 = min(a1, t + 1)
-        row_tiles = []
-        for h0 in range(0, H, TILE_H):
-            h1 = min(H, h0 + TILE_H)
-            b0, b1 = key_range(h0, h1, H, H2, eh)
-            col_tiles = []
-            for w0 in range(0, W, TILE_W):
-                w1 = min(W, w0 + TILE_W)
-                c0, c1 = key_range(w0, w1, W, W2, ew)
-                qt = q[:, t, h0:h1, w0:w1].reshape(B, -1, heads, D)            # [B, nq, heads, D]
-                kt = k[:, a0:a1, b0:b1, c0:c1].reshape(B, -1, heads, D)        # [B, nk, heads, D]
-                vt = v[:, a0:a1, b0:b1, c0:c1].reshape(B, -1, heads, D)
-                qc = grid_coords((1, h1 - h0, w1 - w0), q.device) + torch.tensor([t, h0, w0], device=q.device)
-                kc = grid_coords((a1 - a0, b1 - b0, c1 - c0), q.device) + torch.tensor([a0, b0, c0], device=q.device)
-                mask = visible(qc, kc, q_grid, kv_grid, extent, causal)           # [nq, nk]
-                s = torch.einsum("bqhd,bkhd->bhqk", qt.to(acc), kt.to(acc)) * scale
-                s = s.masked_fill(~mask, float("-inf"))
-                p = torch.softmax(s, dim=-1)
-                o = torch.einsum("bhqk,bkhd->bqhd", p, vt.to(acc))
-                col_tiles.append(o.reshape(B, h1 - h0, w1 - w0, heads, D))
-            row_tiles.append(torch.cat(col_tiles, dim=2))
-        rows.append(torch.cat(row_tiles, dim=1))
-    return torch.stack(rows, dim=1).to(q.dtype)
+    extent = tuple(int(e) for e in extent)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _NearbyAttentionFn.apply(q, k, v, extent, bool(causal), float(scale))
+    return nearby_forward(q, k, v, extent, bool(causal), float(scale))[0]

@@ -1,0 +1,119 @@
+"""Key/value cache for incremental NÜWA decoding: each new token costs O(window).
+
+Per decoder layer the cache holds
+
+* self-attention keys/values in preallocated buffers: the (B, T, H, W, heads,
+  D) grid stored flat in raster order as (B, T*H*W, heads, D) (O(sequence)
+  memory); step p writes its own key/value at p and gathers only
+  the keys of its causal 3DNA window (``window_index``), so attention at a
+  step touches at most (e_t + 1)(2 e_h + 1)(2 e_w + 1) keys, never the prefix;
+* cross-attention keys/values of the condition memories, projected ONCE when
+  the cache is built; a step slices the box around its rescaled centre.
+
+Entries after p are never read (the gathered indices are <= p), so the buffers
+start uninitialised. ``Nuwa``-level stepping is ``DecoderCache.step``.
+Untested: batch-varying positions (all samples advance together by design).
+"""
+from __future__ import annotations
+
+import torch
+
+from nuwa3dna.geometry import centre_int, resolve_extent
+
+from .tasks import Formation
+
+
+def window_index(p: int, grid, extent, device=None) -> torch.Tensor:
+    """Raster indices of the keys visible to query p in causal self 3DNA (resolved ``extent``)."""
+    T, H, W = grid
+    t, rem = divmod(p, H * W)
+    h, w = divmod(rem, W)
+    et, eh, ew = extent
+    ta = torch.arange(max(0, t - et), t + 1, device=device)
+    hb = torch.arange(max(0, h - eh), min(H, h + eh + 1), device=device)
+    wc = torch.arange(max(0, w - ew), min(W, w + ew + 1), device=device)
+    idx = ((ta[:, None, None] * H + hb[None, :, None]) * W + wc[None, None, :]).reshape(-1)
+    return idx[idx <= p]
+
+
+def cross_box(coords, q_grid, kv_grid, extent):
+    """Slices (t, h, w) of the key box a query at ``coords`` sees in cross 3DNA (no causality)."""
+    out = []
+    for i, n, m, e in zip(coords, q_grid, kv_grid, extent):
+        c = centre_int(i, n, m)
+        out.append(slice(max(0, c - e), min(m, c + e + 1)))
+    return tuple(out)
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One query per sample: q (B, heads, D), k/v (B, n, heads, D) -> (B, heads * D), softmax in fp32."""
+    B, heads, D = q.shape
+    s = torch.einsum("bhd,bnhd->bhn", q.float(), k.float()) * D ** -0.5
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("bhn,bnhd->bhd", p, v.float()).to(q.dtype).reshape(B, heads * D)
+
+
+class DecoderCache:
+    """Caches of one decoding run of ``nuwa`` on formation ``f`` with memories (text_mem, vis_mem)."""
+
+    def __init__(self, nuwa, f: Formation, text_mem: torch.Tensor, vis_mem: torch.Tensor):
+        c = nuwa.config
+        self.nuwa, self.task, self.grid = nuwa, f.task, tuple(f.out_grid)
+        B = text_mem.shape[0]
+        T, H, W = self.grid
+        self.n = T * H * W
+        self.heads, self.dim_head = c.heads, c.dim_head
+        self.text_grid, self.vis_grid = tuple(text_mem.shape[1:4]), tuple(vis_mem.shape[1:4])
+        self.self_extent = resolve_extent(nuwa.self_extent(f.task), self.grid)
+        _, vis_ext = nuwa.vis_extents(f.task)
+        self.text_extent = resolve_extent(c.cross_text_extent, self.text_grid)
+        self.vis_extent = resolve_extent(vis_ext, self.vis_grid)
+        dtype, device = text_mem.dtype, text_mem.device
+        self.device = device
+        shape = (B, self.n, c.heads, c.dim_head)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in nuwa.layers]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in nuwa.layers]
+        self.text_kv, self.vis_kv = [], []
+        for layer in nuwa.layers:
+            for attn, mem, store in ((layer.cross_text, text_mem, self.text_kv), (layer.cross_vis, vis_mem, self.vis_kv)):
+                k, v = attn.to_kv(mem).unflatten(-1, (2, c.heads, c.dim_head)).unbind(-3)
+                store.append((k, v))
+
+    def coords(self, p: int):
+        T, H, W = self.grid
+        t, rem = divmod(p, H * W)
+        return (t, *divmod(rem, W))
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, p: int, logits: bool = True):
+        """Run decoder input ``x`` (B, dim) of raster position ``p`` through every layer.
+
+        Steps must come in order 0, 1, ..., p (earlier keys are read from the
+        cache). Returns logits (B, K), or None when ``logits`` is False (a forced
+        token: only the caches need filling).
+        """
+        nuwa, heads, D = self.nuwa, self.heads, self.dim_head
+        B = x.shape[0]
+        coords = self.coords(p)
+        idx = window_index(p, self.grid, self.self_extent, self.device)
+        tb = cross_box(coords, self.grid, self.text_grid, self.text_extent)
+        vb = cross_box(coords, self.grid, self.vis_grid, self.vis_extent)
+        for l, layer in enumerate(nuwa.layers):
+            a = layer.self_attn
+            h = layer.norm_self(x)
+            q = a.to_q(h).view(B, heads, D)
+            k, v = a.to_kv(h).view(B, 2, heads, D).unbind(1)
+            self.k[l][:, p] = k
+            self.v[l][:, p] = v
+            o = attend_one(q, self.k[l].index_select(1, idx), self.v[l].index_select(1, idx))
+            x = x + a.to_out(o)
+            for attn, norm, (ck, cv), box in ((layer.cross_text, layer.norm_text, self.text_kv[l], tb),
+                                              (layer.cross_vis, layer.norm_vis, self.vis_kv[l], vb)):
+                q = attn.to_q(norm(x)).view(B, heads, D)
+                kk = ck[(slice(None), *box)].reshape(B, -1, heads, D)
+                vv = cv[(slice(None), *box)].reshape(B, -1, heads, D)
+                x = x + attn.to_out(attend_one(q, kk, vv))
+            x = x + layer.ff(layer.norm_ff(x))
+        if not logits:
+            return None
+        return nuwa.head(nuwa.norm(x))

@@ -1,0 +1,249 @@
+"""``NuwaPipeline``: tokenizers + NÜWA in one module, with training loss, generation and checkpoints.
+
+Inputs (see /work/notes/model_interface.md): pixels are floats in [0, 1],
+videos (B, T, 3, H, W), images (B, 1, 3, H, W); sketches are long class maps
+(B, T, H, W); text is a list of str (a bare str is a batch of one).
+
+``training_loss(task, inputs)`` needs ``TRAIN_INPUTS[task]`` (the condition
+plus "target"); for image tasks "image" and for video tasks "video" stand in
+for a missing "target" (ti2i/tv2v need an explicit "target", their "source"
+is pixels too). The tokenizers are frozen there (``no_grad`` encoding, their
+EMA is not updated): train them first with their own ``forward`` losses, and
+optimise ``pipeline.nuwa.parameters()`` for the transformer.
+
+``generate``: i2i keeps the top ``config.i2i_given_rows`` token rows (the top
+``i2i_given_rows * vq_downsample`` pixel rows, half the image by default) of
+``image`` and completes the rest; v2v keeps the first
+``config.v2v_given_frames`` frames of ``video`` and predicts the others.
+
+Checkpoints: ``save(dir)`` writes ``config.json`` and ``model.safetensors``
+(the whole state dict, tokenizers' codebooks included); ``load(dir)`` reads
+them back without pickle. Untested: loading across torch versions and devices
+other than CPU (``map_location`` is a plain device string).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import NuwaConfig
+from .nuwa import Nuwa
+from .tasks import (GENERATE_INPUTS, IMAGE_TASKS, SKETCH_TASKS, SOURCE_TASKS, TEXT_TASKS, TRAIN_INPUTS,
+                    check_task, drop_condition, form, output_grid)
+from .text import ByteTextTokenizer
+from .vq import SketchTokenizer, VQTokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class NuwaPipeline(nn.Module):
+    def __init__(self, *, config: Optional[NuwaConfig] = None, tokenizer: Optional[VQTokenizer] = None,
+                 sketch_tokenizer: Optional[SketchTokenizer] = None, nuwa: Optional[Nuwa] = None):
+        super().__init__()
+        self.config = config = NuwaConfig() if config is None else config
+        if not isinstance(config, NuwaConfig):
+            raise TypeError(f"config must be a NuwaConfig, got {type(config).__name__}")
+        self.tokenizer = VQTokenizer.from_config(config) if tokenizer is None else tokenizer
+        self.sketch_tokenizer = SketchTokenizer.from_config(config) if sketch_tokenizer is None else sketch_tokenizer
+        self.nuwa = Nuwa(config=config) if nuwa is None else nuwa
+        self.text_tokenizer = ByteTextTokenizer(config.text_len)
+        if self.tokenizer.codebook_size != config.vq_codebook_size:
+            raise ValueError(f"tokenizer has {self.tokenizer.codebook_size} codes but "
+                             f"{config.vq_codebook_size=}")
+        if self.sketch_tokenizer.codebook_size != config.sketch_codebook_size:
+            raise ValueError(f"sketch_tokenizer has {self.sketch_tokenizer.codebook_size} codes but "
+                             f"{config.sketch_codebook_size=}")
+
+    # ---- inputs -----------------------------------------------------------------------
+    @staticmethod
+    def required_inputs(task: str) -> Tuple[str, ...]:
+        """Inputs ``generate`` needs for ``task`` (training adds "target")."""
+        return GENERATE_INPUTS[check_task(task)]
+
+    def _device(self):
+        return self.nuwa.bos.device
+
+    def _check_pixels(self, name, x, frames: Optional[int], min_frames: int = 1):
+        c = self.config
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of pixels, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must hold floats in [0, 1], got {name}.dtype={x.dtype}")
+        want = f"(B, {frames if frames else 'T'}, 3, {c.image_size}, {c.image_size})"
+        if x.dim() != 5 or tuple(x.shape[2:]) != (3, c.image_size, c.image_size):
+            raise ValueError(f"{name} must have shape {want}, got {name}.shape={tuple(x.shape)}")
+        if frames is not None and x.shape[1] != frames:
+            raise ValueError(f"{name} must have {frames} frame(s) for this task, got {name}.shape={tuple(x.shape)}")
+        if x.shape[1] < min_frames:
+            raise ValueError(f"{name} needs at least {min_frames} frame(s), got {name}.shape={tuple(x.shape)}")
+        return x.to(self._device())
+
+    def _check_sketch(self, x, frames: int):
+        c = self.config
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"sketch must be a torch.Tensor class map, got {type(x).__name__}")
+        if x.is_floating_point() or x.dtype == torch.bool:
+            raise TypeError(f"sketch must be an integer class map, got sketch.dtype={x.dtype}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != (frames, c.image_size, c.image_size):
+            raise ValueError(f"sketch must have shape (B, {frames}, {c.image_size}, {c.image_size}), "
+                             f"got sketch.shape={tuple(x.shape)}")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= c.sketch_classes):
+            raise ValueError(f"sketch classes must lie in [0, {c.sketch_classes}), got min={int(x.min())}, "
+                             f"max={int(x.max())}")
+        return x.to(self._device())
+
+    def _text(self, text):
+        if isinstance(text, str):
+            text = [text]
+        if not isinstance(text, (list, tuple)):
+            raise TypeError(f"text must be a str or a list of str, got {type(text).__name__}")
+        return self.text_tokenizer.encode(list(text)).to(self._device())
+
+    def _tokenize(self, task: str, inputs: Dict, training: bool):
+        """Validate and tokenize; returns (formation kwargs, target tokens or None, batch)."""
+        c = self.config
+        frames = 1 if task in IMAGE_TASKS else c.frames
+        toks, batches = {}, {}
+        if task in TEXT_TASKS:
+            toks["text"] = self._text(inputs["text"])
+            batches["text"] = toks["text"].shape[0]
+        if task in SKETCH_TASKS:
+            sk = self._check_sketch(inputs["sketch"], frames)
+            toks["sketch"] = self.sketch_tokenizer.encode(sk)
+            batches["sketch"] = sk.shape[0]
+        if task in SOURCE_TASKS:
+            src = self._check_pixels("source", inputs["source"], frames)
+            toks["source"] = self.tokenizer.encode(src)
+            batches["source"] = src.shape[0]
+        target = None
+        if training:
+            tgt = self._check_pixels("target", inputs["target"], frames)
+            target = self.tokenizer.encode(tgt)
+            batches["target"] = tgt.shape[0]
+            if task in ("i2i", "v2v"):
+                toks["given"] = target
+        elif task == "i2i":
+            img = self._check_pixels("image", inputs["image"], 1)
+            toks["given"] = self.tokenizer.encode(img)
+            batches["image"] = img.shape[0]
+        elif task == "v2v":
+            vid = self._check_pixels("video", inputs["video"], None, c.v2v_given_frames)
+            g = self.tokenizer.encode(vid[:, :c.v2v_given_frames])
+            full = torch.zeros((g.shape[0], *output_grid(task, c)), dtype=torch.long, device=g.device)
+            full[:, :c.v2v_given_frames] = g
+            toks["given"] = full
+            batches["video"] = vid.shape[0]
+        if len(set(batches.values())) > 1:
+            raise ValueError(f"inputs disagree on the batch size: {batches}")
+        if min(batches.values()) < 1:
+            raise ValueError(f"inputs hold no example: batch sizes {batches}")
+        return toks, target, next(iter(batches.values()))
+
+    def _gather_inputs(self, task: str, inputs: Dict, needed: Tuple[str, ...]) -> Dict:
+        if not isinstance(inputs, dict):
+            raise TypeError(f"inputs must be a dict, got {type(inputs).__name__}")
+        inputs = dict(inputs)
+        if "target" in needed and inputs.get("target") is None and task not in SOURCE_TASKS:
+            alias = "image" if task in IMAGE_TASKS else "video"
+            if inputs.get(alias) is not None:
+                inputs["target"] = inputs[alias]
+        missing = [k for k in needed if inputs.get(k) is None]
+        if missing:
+            raise ValueError(f"task {task!r} needs inputs {needed}; missing {missing}")
+        return inputs
+
+    # ---- training ---------------------------------------------------------------------
+    def training_loss(self, task: str, inputs: Dict) -> torch.Tensor:
+        """Mean cross-entropy of the decoder over the non-given target tokens, with condition dropout."""
+        check_task(task)
+        inputs = self._gather_inputs(task, inputs, TRAIN_INPUTS[task])
+        toks, target, batch = self._tokenize(task, inputs, training=True)
+        f = form(task, self.config, batch=batch, **toks)
+        if self.training and self.config.cond_drop > 0 and f.has_condition:
+            drop = torch.rand(batch, device=target.device) < self.config.cond_drop
+            f = drop_condition(f, drop, self.config)
+        logits = self.nuwa(f, target)
+        keep = ~f.given_mask.reshape(-1)
+        logits = logits.reshape(batch, -1, logits.shape[-1])[:, keep]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(batch, -1)[:, keep].reshape(-1))
+
+    # ---- generation -------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, task: str, *, text=None, sketch=None, image=None, video=None, source=None,
+                 num_samples: int = 1, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, cond_scale: float = 1.0, seed: int = 0,
+                 progress: bool = True) -> torch.Tensor:
+        """Pixels (num_samples, T, 3, H, W) in [0, 1] (T = 1 for image tasks).
+
+        Inputs hold one example (batch 1, or a bare str for text), repeated for
+        each sample, or exactly ``num_samples`` examples.
+        """
+        from .sampling import sample_tokens
+        check_task(task)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples=}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed=}")
+        given = dict(text=text, sketch=sketch, image=image, video=video, source=source)
+        needed = self.required_inputs(task)
+        inputs = self._gather_inputs(task, {k: v for k, v in given.items() if v is not None}, needed)
+        unused = [k for k, v in given.items() if v is not None and k not in needed]
+        if unused:
+            raise ValueError(f"task {task!r} takes inputs {needed}; got unused inputs {unused}")
+        was_training = self.training
+        self.eval()
+        try:
+            toks, _, batch = self._tokenize(task, inputs, training=False)
+            if batch not in (1, num_samples):
+                raise ValueError(f"inputs hold {batch} examples; give 1 or {num_samples=}")
+            toks = {k: v.expand(num_samples, *v.shape[1:]) if batch == 1 else v for k, v in toks.items()}
+            f = form(task, self.config, batch=num_samples, **toks)
+            gen = torch.Generator(device=self._device()).manual_seed(seed)
+            tokens = sample_tokens(self.nuwa, f, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   cond_scale=cond_scale, generator=gen, progress=progress)
+            return self.tokenizer.decode(tokens)
+        finally:
+            self.train(was_training)
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def save(self, directory) -> None:
+        from safetensors.torch import save_file
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_FILE), "w") as fh:
+            fh.write(self.config.to_json())
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "nuwa3dna-pipeline"})
+
+    @classmethod
+    def load(cls, directory, map_location: str = "cpu") -> "NuwaPipeline":
+        from safetensors.torch import load_file
+        cfg_path = os.path.join(directory, CONFIG_FILE)
+        w_path = os.path.join(directory, WEIGHTS_FILE)
+        for p in (cfg_path, w_path):
+            if not os.path.isfile(p):
+                raise ValueError(f"checkpoint file missing: {p}")
+        try:
+            with open(cfg_path) as fh:
+                config = NuwaConfig.from_dict(json.load(fh))
+        except (ValueError, TypeError) as e:   # JSONDecodeError is a ValueError
+            raise ValueError(f"corrupt or mismatched config file {cfg_path}: {e}") from e
+        try:
+            state = load_file(w_path, device=map_location)
+        except Exception as e:                 # safetensors raises its own error types
+            raise ValueError(f"corrupt or truncated weights file {w_path}: {e}") from e
+        pipe = cls(config=config)
+        own = pipe.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or bad:
+            raise ValueError(f"weights file {w_path} does not match {cfg_path}: missing={missing[:5]}, "
+                             f"unexpected={unexpected[:5]}, wrong shape={bad[:5]}")
+        pipe.load_state_dict(state)
+        return pipe.to(map_location)

@@ -1,0 +1,6 @@
+"""The three tokenizers of NÜWA (re-exported from ``vq`` and ``text``)."""
+from .text import NONE_ID, PAD_ID, TEXT_VOCAB, ByteTextTokenizer
+from .vq import SketchTokenizer, VectorQuantizer, VQTokenizer
+
+__all__ = ["VQTokenizer", "SketchTokenizer", "VectorQuantizer", "ByteTextTokenizer",
+           "PAD_ID", "NONE_ID", "TEXT_VOCAB"]
