@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import threading
 import time
 
@@ -98,6 +99,12 @@ class PeakMemory:
             self.peak = max(self._max, self._rss()) - self._start
 
 
+def _formation(task, config, device, seed):
+    f, _ = random_formation(task, config, 1, torch.Generator().manual_seed(seed))
+    return type(f)(f.task, f.text_ids.to(device), f.vis_ids.to(device), f.out_grid, f.given.to(device),
+                   f.given_mask.to(device))
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -111,9 +118,7 @@ def test_bench_sampling_cache_vs_recompute(benchmark, size):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     nuwa = Nuwa(config=config).to(device).eval()
-    f, _ = random_formation("t2v", config, 1, torch.Generator().manual_seed(0))
-    f.text_ids, f.vis_ids = f.text_ids.to(device), f.vis_ids.to(device)
-    f.given, f.given_mask = f.given.to(device), f.given_mask.to(device)
+    f = _formation("t2v", config, device, 0)
     T, H, W = f.out_grid
     N = T * H * W
 
@@ -124,6 +129,10 @@ def test_bench_sampling_cache_vs_recompute(benchmark, size):
         _sync(device)
         return out
 
+    # Warm-up (untimed, unmeasured): one image-sized run through the same code, so lazy library
+    # initialisation is not billed to the cached run (measured: 162 MiB "peak" without it).
+    sample_tokens(nuwa, _formation("t2i", config, device, 1))
+
     with PeakMemory(device) as mem_cached:
         tokens = benchmark.pedantic(run_cached, rounds=1, iterations=1, warmup_rounds=0)
     cached_s = benchmark.stats.stats.mean
@@ -132,10 +141,11 @@ def test_bench_sampling_cache_vs_recompute(benchmark, size):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)      # the same thread count the cached sampler runs with on CPU
     try:
-        with torch.no_grad(), PeakMemory(device) as mem_recompute:
+        with torch.no_grad():
             text_mem, vis_mem = nuwa.encode(f)
             flat = tokens.reshape(1, N)
             recompute_logits(nuwa, f.task, f.out_grid, text_mem, vis_mem, flat, N // 2)   # warm-up
+        with torch.no_grad(), PeakMemory(device) as mem_recompute:
             step_times = []
             for i in range(RECOMPUTE_STEPS):
                 p = int((i + 0.5) * N / RECOMPUTE_STEPS)
@@ -157,6 +167,8 @@ def test_bench_sampling_cache_vs_recompute(benchmark, size):
         "recompute_method": (f"{RECOMPUTE_STEPS} decoder passes over the prefix frames at evenly spread "
                              f"positions, mean x {N} steps"),
         "speedup": speedup,
+        "cpu_threads": 1 if device.type == "cpu" else None,
+        "load_average_1min": os.getloadavg()[0],      # other jobs on shared cores slow both phases
         "peak_mem_cached_bytes": mem_cached.peak, "peak_mem_recompute_bytes": mem_recompute.peak,
     })
     print(f"\n{size}: cached {N / cached_s:.0f} tok/s, recompute {N / recompute_s:.1f} tok/s "

@@ -104,24 +104,25 @@ def _store_rows(ptr, row_off, row_ok, offs_d, s_d, D, x, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, UPCAST_DOT: tl.constexpr):
-    """a @ b with float32 accumulation.
+def _dot(a, b, UPCAST_DOT: tl.constexpr, acc=None):
+    """acc + a @ b with float32 accumulation (acc=None: a fresh product).
 
     UPCAST_DOT (interpreter + bf16 only): bf16 tl.dot is broken in the
     interpreter; the operands are already rounded to bf16, so upcasting them is
     exact and reproduces the GPU's bf16 x bf16 -> fp32 product.
     """
     if UPCAST_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee")
     else:
-        return tl.dot(a, b)
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
-def _dot_split(a32, b, UPCAST_DOT: tl.constexpr):
-    """a32 @ b for a float32 tile a32 (P or dS in the backward) and a b in the input dtype.
+def _dot_acc(acc, a32, b, UPCAST_DOT: tl.constexpr):
+    """acc + a32 @ b for a float32 tile a32 (P or dS) and b in the input dtype,
+    accumulated in place (one accumulator layout, no temporary product tile).
 
     bfloat16 keeps 8 mantissa bits: rounding P and dS to it once made dK 2.5x
     less accurate than PyTorch's bf16 SDPA backward (which keeps P in fp32),
@@ -131,10 +132,10 @@ def _dot_split(a32, b, UPCAST_DOT: tl.constexpr):
     output error 0.017 vs 0.006). float16 (11 bits) and float32 need no split.
     """
     hi = a32.to(b.dtype)
+    acc = _dot(hi, b, UPCAST_DOT, acc)
     if b.dtype == tl.bfloat16:
-        lo = (a32 - hi.to(tl.float32)).to(b.dtype)
-        return _dot(hi, b, UPCAST_DOT) + _dot(lo, b, UPCAST_DOT)
-    return _dot(hi, b, UPCAST_DOT)
+        acc = _dot((a32 - hi.to(tl.float32)).to(b.dtype), b, UPCAST_DOT, acc)
+    return acc
 
 
 @triton.jit
@@ -299,7 +300,7 @@ def _fwd_kernel(
         p = tl.math.exp2(s - m_new[:, None])                   # [BLOCK_Q, BLOCK_K]
         alpha = tl.math.exp2(m_i - m_new)                      # [BLOCK_Q]
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot_split(p, v, UPCAST_DOT)
+        acc = _dot_acc(acc * alpha[:, None], p, v, UPCAST_DOT)       # [BLOCK_Q, BLOCK_D]
         m_i = m_new
 
     # Every query on the grid sees at least its own centre, so l_i > 0 there;
@@ -436,10 +437,10 @@ def _bwd_dkdv_kernel(
             vis_t = vis_t & (ihw[None, :] >= (rk - ((t * H + h) * W + w))[:, None])
         s_t = _dot(k, tl.trans(q), UPCAST_DOT) * qk_scale       # [BLOCK_K, BLOCK_Q]
         p_t = tl.where(vis_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)
-        dv += _dot_split(p_t, do, UPCAST_DOT)                   # [BLOCK_K, BLOCK_D]
+        dv = _dot_acc(dv, p_t, do, UPCAST_DOT)                          # [BLOCK_K, BLOCK_D]
         dp_t = _dot(v, tl.trans(do), UPCAST_DOT)                # [BLOCK_K, BLOCK_Q]
         ds_t = p_t * (dp_t - delta[None, :])                    # [BLOCK_K, BLOCK_Q]
-        dk += _dot_split(ds_t, q, UPCAST_DOT)                   # [BLOCK_K, BLOCK_D]
+        dk = _dot_acc(dk, ds_t, q, UPCAST_DOT)                          # [BLOCK_K, BLOCK_D]
 
     _store_rows(DK + b * sdk_b + hd * sdk_n, _token_offsets(kt, kh, kw, sdk_t, sdk_h, sdk_w), k_ok,
                 offs_d, sdk_d, D, (dk * scale).to(DK.dtype.element_ty), EVEN_D)
@@ -515,7 +516,7 @@ def _bwd_dq_kernel(
         p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)  # [BLOCK_Q, BLOCK_K]
         dp = _dot(do, tl.trans(v), UPCAST_DOT)                   # [BLOCK_Q, BLOCK_K]
         ds = p * (dp - delta[:, None])                           # [BLOCK_Q, BLOCK_K]
-        dq += _dot_split(ds, k, UPCAST_DOT)                      # [BLOCK_Q, BLOCK_D]
+        dq = _dot_acc(dq, ds, k, UPCAST_DOT)                            # [BLOCK_Q, BLOCK_D]
 
     _store_rows(DQ + b * sdq_b + hd * sdq_n, _token_offsets(qt, qh, qw, sdq_t, sdq_h, sdq_w), q_ok,
                 offs_d, sdq_d, D, (dq * scale).to(DQ.dtype.element_ty), EVEN_D)
@@ -621,28 +622,41 @@ def _inverse_extent(q_grid, kv_grid, extent):
     return tuple(-(-(e * q + q) // kv) for e, q, kv in zip(extent, q_grid, kv_grid))
 
 
+# (outer rows, inner rows, num_warps, num_stages) by kernel and padded head dim;
+# "outer" is what a program owns (queries; keys for dK/dV), "inner" what it walks.
+# Chosen from kernels/report.py (zero spills on sm_80 and sm_90, wgmma on sm_90
+# needs 64 rows per warpgroup in the accumulating dots): see pick_configs.
+CONFIG_TABLE = {
+    "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3),
+            256: (64, 32, 8, 2)},
+    "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 8, 3),
+           256: (64, 32, 8, 2)},
+    "dkdv": {16: (64, 32, 8, 3), 32: (64, 32, 8, 3), 64: (64, 32, 8, 3), 128: (64, 32, 8, 2),
+             256: (64, 16, 8, 2)},
+}
+CONFIG_TABLE_FP32 = CONFIG_TABLE
+
+
 def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype):
     """Launch configs of the four kernels; the report compiles exactly these.
 
-    Block rows: 64 queries x 64 keys: M = 64 is one Hopper warpgroup's wgmma
-    tile (num_warps = 4), and 64x64 fp32 score tiles cost 32 registers/thread.
-    Head dim 256 (and float32 at 128, whose ieee dots run on FMAs) halves the
-    inner tile and doubles the warps so the fp32 accumulators (64x256 = 128
-    registers/thread at 4 warps) fit with no spills.
+    Rows per program: 64 queries (64 keys for dK/dV), the M of one Hopper
+    warpgroup's wgmma (4 warps); the walked tile, warps and stages come from
+    CONFIG_TABLE. Tile shapes (t, h, w) come from plan_tiles on the actual grids.
     """
     q_grid, kv_grid, extent = tuple(q_grid), tuple(kv_grid), tuple(extent)
     block_d = block_d_for(D)
-    big = block_d >= 256 or (dtype == torch.float32 and block_d >= 128)
-    warps = 8 if big else 4
-    inner = 32 if big else 64
-    q_tile, k_tile = plan_tiles(q_grid, kv_grid, extent, 64, inner)
-    fwd = LaunchConfig("fwd", q_tile, k_tile, block_d, warps, 2)
-    dq = LaunchConfig("dq", q_tile, k_tile, block_d, warps, 2)
-    inv = _inverse_extent(q_grid, kv_grid, extent)
-    k_tile2, q_tile2 = plan_tiles(kv_grid, q_grid, inv, 64, inner)
-    dkdv = LaunchConfig("dkdv", q_tile2, k_tile2, block_d, warps, 2)
-    pre = LaunchConfig("preprocess", (1, 1, 64), (1, 1, 1), block_d, 4, 1)
-    return {"fwd": fwd, "dq": dq, "dkdv": dkdv, "preprocess": pre}
+    table = CONFIG_TABLE_FP32 if dtype == torch.float32 else CONFIG_TABLE
+    out = {}
+    for kind in ("fwd", "dq"):
+        outer, inner, warps, stages = table[kind][block_d]
+        q_tile, k_tile = plan_tiles(q_grid, kv_grid, extent, outer, inner)
+        out[kind] = LaunchConfig(kind, q_tile, k_tile, block_d, warps, stages)
+    outer, inner, warps, stages = table["dkdv"][block_d]
+    k_tile, q_tile = plan_tiles(kv_grid, q_grid, _inverse_extent(q_grid, kv_grid, extent), outer, inner)
+    out["dkdv"] = LaunchConfig("dkdv", q_tile, k_tile, block_d, warps, stages)
+    out["preprocess"] = LaunchConfig("preprocess", (1, 1, 64), (1, 1, 1), block_d, 4, 1)
+    return out
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:

@@ -146,11 +146,12 @@ def report(workloads=REPORT_WORKLOADS, head_dims=HEAD_DIMS, dtypes=DTYPES, archs
         for D in head_dims:
             for dt in dtypes:
                 specs = launch_specs(wl, D, dt)
+                p = WORKLOADS[wl]
+                cfgs = nearby.pick_configs(p.q_grid, p.kv, p.resolved_extent, D, dt)
                 for name in kernels:
-                    _kernel, _grid, _args, meta = specs[name]
-                    tiles = ("x".join(map(str, (meta["BT"], meta["BH"], meta["BW"]))) + "/"
-                             + "x".join(map(str, (meta["KT"], meta["KH"], meta["KW"])))) if "BT" in meta \
-                        else f"{meta['BLOCK_N']}"
+                    c = cfgs[name]
+                    tiles = ("x".join(map(str, c.q_tile)) + "/" + "x".join(map(str, c.k_tile))
+                             if name != "preprocess" else str(c.block_q))
                     for arch in archs:
                         row = {"workload": wl, "kernel": name, "D": D, "dtype": DTYPE_NAMES[dt],
                                "arch": f"sm_{arch}", "tiles": tiles, **compile_spec(specs[name], arch)}

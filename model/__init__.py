@@ -1,7 +1,9 @@
 """NÜWA on NearbyAttention3D: tokenizers, encoder-decoder, the eight tasks, sampling with a KV cache.
 
 Start with ``NuwaPipeline`` (pipeline.py) and ``NuwaConfig`` (config.py);
-the task formations are documented in tasks.py.
+the task formations are documented in tasks.py. Tests: tests/test_model_*.py;
+sampling speed: benchmarks/test_bench_sampling.py. What each part leaves
+untested is listed in its module docstring.
 """
 from .config import NuwaConfig
 from .nuwa import Nuwa

@@ -100,14 +100,17 @@ def contact_sheet(panels: Sequence[Tuple[str, torch.Tensor]], scale: int = 4, pa
             raise ValueError(f"panel {label!r} has size {tuple(v.shape[-2:])}, expected {(H, W)}")
     T = max(v.shape[0] for _, v in vids)
     fh, fw = H * scale, W * scale
-    head = 12 + (12 if title else 0)
-    sheet = Image.new("RGB", (pad + len(vids) * (fw + pad), head + pad + T * (fh + pad)), (40, 40, 40))
+    # PIL's default bitmap font is 11 px tall: one 14 px line for the title, one for labels.
+    label_y = 2 + (14 if title else 0)
+    head = label_y + 12
+    width = max(pad + len(vids) * (fw + pad), 8 + 6 * len(title or ""))
+    sheet = Image.new("RGB", (width, head + pad + T * (fh + pad)), (40, 40, 40))
     draw = ImageDraw.Draw(sheet)
     if title:
-        draw.text((pad, 1), title[:80], fill=(255, 255, 255))
+        draw.text((pad, 2), title[:80], fill=(255, 255, 255))
     for i, (label, v) in enumerate(vids):
         x = pad + i * (fw + pad)
-        draw.text((x, head - 11), label[: max(1, fw // 6)], fill=(220, 220, 220))
+        draw.text((x, label_y), label[: max(1, fw // 6)], fill=(220, 220, 220))
         for t, frame in enumerate(_upscale(to_uint8(v), scale)):
             sheet.paste(Image.fromarray(frame), (x, head + pad + t * (fh + pad)))
     return sheet

@@ -21,7 +21,11 @@ from numbers import Real
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
+
+try:                                   # tqdm is in the "model" extra; sampling works without it
+    from tqdm.auto import tqdm
+except ImportError:                    # pragma: no cover - tqdm is installed here
+    tqdm = None
 
 from .cache import DecoderCache
 from .tasks import Formation, null_condition, task_index
@@ -110,7 +114,10 @@ def _sample_tokens(nuwa, f, *, temperature, top_k, top_p, cond_scale, generator,
     forced = f.given_mask.reshape(N).tolist()
     table = _input_table(nuwa, f)
     cache = DecoderCache(nuwa, run, text_mem, vis_mem) if use_cache else None
-    for p in tqdm(range(N), disable=not progress, desc=f"{f.task}: sampling tokens", unit="tok"):
+    steps = range(N)
+    if progress and tqdm is not None:
+        steps = tqdm(steps, desc=f"{f.task}: sampling tokens", unit="tok")
+    for p in steps:
         if use_cache:
             x = (nuwa.bos if p == 0 else nuwa.tgt_emb(tokens[:, p - 1])) + table[p]
             x = x.expand(B, -1) if p == 0 else x

@@ -1,4 +1,5 @@
-"""The three tokenizers of NÜWA (re-exported from ``vq`` and ``text``)."""
+"""The three tokenizers of NÜWA (re-exported from ``vq`` and ``text``; see those modules,
+including what they leave untested)."""
 from .text import NONE_ID, PAD_ID, TEXT_VOCAB, ByteTextTokenizer
 from .vq import SketchTokenizer, VectorQuantizer, VQTokenizer
 

@@ -18,7 +18,9 @@ s2v; colours of model/imageio.SKETCH_PALETTE or a greyscale class-index PNG),
 the video to change). Files are resized to the model's frame size.
 
 Every error in the arguments or input files ends the program with exit code 2
-and one line on stderr ("error: ..."), never a traceback.
+and one line on stderr ("error: ..."), never a traceback. Untested: --device
+cuda (the same code; the pipeline moves there) and non-square user files
+(they are stretched to a square).
 """
 from __future__ import annotations
 
@@ -28,7 +30,11 @@ import sys
 import time
 from typing import Dict, List, Tuple
 
-DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model", "checkpoints", "default")
+from . import model as _model_pkg   # light: the package's __init__ imports nothing
+
+# model/ is the package nuwa3dna.model (setup.py package_dir), so the shipped
+# weights live next to its __init__, wherever the package is installed.
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(_model_pkg.__file__)), "checkpoints", "default")
 TASK_CHOICES = ("t2i", "s2i", "i2i", "ti2i", "t2v", "s2v", "v2v", "tv2v")   # == model.tasks.TASKS
 TEXT_OPTION_TASKS = ("t2i", "ti2i", "t2v", "tv2v")
 FILE_OPTIONS = {"sketch": ("s2i", "s2v"), "image": ("i2i", "ti2i"), "video": ("v2v", "tv2v")}

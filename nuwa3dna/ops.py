@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .checks import check_inputs
+from .custom_op import torch_op, triton_op
 from .geometry import resolve_extent
 from .reference import dense_nearby_attention
 from .torch_path import torch_nearby_attention
@@ -28,7 +29,14 @@ def nearby_attention(q, k, v, extent, causal=False, scale=None, backend="auto"):
     if backend == "dense":
         return dense_nearby_attention(q, k, v, extent, causal, scale)
     extent = resolve_extent(extent, tuple(k.shape[1:4]))
+    # Both fast paths go through torch.library custom ops (custom_op.py), so
+    # torch.compile(fullgraph=True) sees one opaque op with a fake and a backward.
     if backend == "triton":
-        from .kernels.nearby import triton_nearby_attention
-        return triton_nearby_attention(q, k, v, extent, causal, scale)
+        from .kernels import nearby
+        if all(hasattr(nearby, f) for f in ("nearby_attention_forward", "nearby_attention_backward",
+                                              "stats_shape")):
+            return triton_op(q, k, v, extent, causal, scale)
+        return nearby.triton_nearby_attention(q, k, v, extent, causal, scale)
+    if q.device.type == "cpu":
+        return torch_op(q, k, v, extent, causal, scale)
     return torch_nearby_attention(q, k, v, extent, causal, scale)

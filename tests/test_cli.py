@@ -189,3 +189,11 @@ def test_imageio_round_trips_and_errors(tmp_path):
         imageio.read_image(str(tmp_path), 32)
     sheet = imageio.contact_sheet([("a", s.video), ("b", s.video[0])], scale=2, title="t")
     assert sheet.size[0] == 4 + 2 * (64 + 4)
+
+
+def test_package_entry_point_dispatches(tiny_ckpt, tmp_path, capsys):
+    from nuwa3dna.__main__ import main
+    assert main([]) == 2 and "expected a command" in capsys.readouterr().err
+    assert main(["generate", "--task", "i2i", "--checkpoint", tiny_ckpt, "--out", str(tmp_path),
+                 "--no-progress"]) == 0
+    assert (tmp_path / "i2i.png").is_file()

@@ -36,10 +36,12 @@ def test_cached_steps_match_full_forward(nuwa, task, gen):
     torch.testing.assert_close(inc, full, rtol=1e-5, atol=1e-5)
 
 
-def test_window_index_is_the_causal_mask_row():
-    grid, extent = (3, 4, 5), (1, 1, 2)
+@pytest.mark.parametrize("grid,extent", [((3, 4, 5), (1, 1, 2)), ((1, 5, 3), (0, 0, 0)),
+                                         ((4, 2, 3), (3, 1, 2)), ((2, 3, 1), (1, 2, 0))])
+def test_window_index_is_the_causal_mask_row(grid, extent):
+    """The cache gathers exactly the keys of the dense reference's causal mask row (extents resolved)."""
     mask = nearby_mask(grid, grid, extent, causal=True)
-    for p in range(60):
+    for p in range(grid[0] * grid[1] * grid[2]):
         assert window_index(p, grid, extent).tolist() == mask[p].nonzero().flatten().tolist()
 
 
@@ -108,3 +110,14 @@ def test_classifier_free_guidance_mixes_cond_and_null(nuwa, gen):
     # Conditionless tasks have nothing to guide: cond_scale is ignored.
     v, _ = random_formation("v2v", nuwa.config, 1, gen)
     assert torch.equal(sample_tokens(nuwa, v, temperature=0, cond_scale=5.0), sample_tokens(nuwa, v, temperature=0))
+
+
+def test_cache_steps_must_come_in_order(nuwa, gen):
+    from nuwa3dna.model.cache import DecoderCache
+    f, _ = random_formation("t2i", nuwa.config, 1, gen)
+    with torch.no_grad():
+        cache = DecoderCache(nuwa, f, *nuwa.encode(f))
+        x = torch.zeros(1, nuwa.config.dim)
+        assert cache.step(x, 0).shape == (1, nuwa.config.vq_codebook_size)
+        with pytest.raises(ValueError, match="expected position 1, got p=2"):
+            cache.step(x, 2)

@@ -116,6 +116,8 @@ def test_text_tokenizer():
     assert ids[1].tolist() == [0] * 8
     assert tok.decode(ids) == ["ab", "", "héé"]
     assert tok.encode("ab").tolist() == ids[:1].tolist()       # a bare str is a batch of one
+    odd = ["\x00\n🙂", "\ufffd"]
+    assert tok.decode(tok.encode(odd)) == odd                  # any string: NUL, emoji, replacement char
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tok.encode(["12345678"])                                # exactly max_len: no warning

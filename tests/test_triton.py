@@ -148,3 +148,44 @@ def test_non_contiguous_inputs(gen):
     g_r = torch.autograd.grad(ref, (qc, kc, vc), dout.contiguous())
     for a, b in zip((out_s, *g_s), (ref, *g_r)):
         assert _max_err(a, b) <= 1e-5
+
+
+SMALL_TILES = {  # 16-row tiles: many tiles per axis, so the causal skips and edges are exercised
+    "fwd": ((2, 2, 4), (1, 2, 8)), "dq": ((1, 4, 4), (1, 4, 4)), "dkdv": ((1, 2, 8), (2, 2, 4)),
+}
+
+
+@pytest.mark.parametrize("p", [TEST_PROBLEMS[i] for i in (1, 5, 6, 8)], ids=lambda p: p.id)
+def test_small_tiles(p, gen, monkeypatch):
+    """Force 16-row tiles (2x2x4 etc.) so every axis has several tiles: the loop bounds,
+    the causal tile skipping (forward tail, dK/dV head) and the query-range inversion
+    are all exercised, not just one tile covering the grid."""
+    import dataclasses
+
+    from nuwa3dna.kernels import nearby
+
+    real = nearby.pick_configs
+
+    def small(q_grid, kv_grid, extent, D, dtype):
+        cfgs = dict(real(q_grid, kv_grid, extent, D, dtype))
+        for kind, (qt, kt) in SMALL_TILES.items():
+            cfgs[kind] = dataclasses.replace(cfgs[kind], q_tile=qt, k_tile=kt)
+        return cfgs
+
+    monkeypatch.setattr(nearby, "pick_configs", small)
+    _check(p, torch.float32, gen)
+
+
+def test_tile_plans_are_consistent():
+    """Every planned tile has the configured number of rows and a one-frame walked tile."""
+    from nuwa3dna.kernels.nearby import pick_configs
+    from nuwa3dna.problems import WORKLOADS
+
+    for p in [*TEST_PROBLEMS, *WORKLOADS.values(), D200]:
+        for dtype in (torch.float32, torch.bfloat16):
+            cfgs = pick_configs(p.q_grid, p.kv, p.resolved_extent, p.D, dtype)
+            for kind in ("fwd", "dq"):
+                assert cfgs[kind].k_tile[0] == 1, (p.id, kind)
+                assert cfgs[kind].block_q >= 16 and cfgs[kind].block_k >= 16
+            assert cfgs["dkdv"].q_tile[0] == 1
+            assert cfgs["fwd"].block_d >= max(16, p.D)
