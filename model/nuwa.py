@@ -15,9 +15,8 @@
 
 Every attention layer is a ``NearbyAttention3D`` (its projections are the
 weights). A stream whose extent differs from the module's construction extent
-(e.g. one visual encoder for sketch and source grids) runs the same module's
-projections through ``nearby_attention`` with that stream's extent, on the
-module's backend.
+(e.g. one visual encoder for sketch and source grids) passes its own extent
+to the module's forward (same weights, same backend).
 
 Incremental decoding (``step``) is in cache.py's ``DecoderCache``.
 Untested: dropout (there is none) and mixed-precision training.
@@ -27,22 +26,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nuwa3dna import NearbyAttention3D, nearby_attention
+from nuwa3dna import NearbyAttention3D
 
 from .tasks import IMAGE_TASKS, TASKS, Formation, none_ids, task_index, visual_kind
 from .text import TEXT_VOCAB
-
-
-def attend(attn: NearbyAttention3D, x: torch.Tensor, context=None, extent=None) -> torch.Tensor:
-    """``attn(x, context)`` with ``extent`` in place of the module's own (same weights and backend)."""
-    if extent is None or tuple(extent) == tuple(attn.extent):
-        return attn(x, context)
-    attn._check(x, context)
-    src = x if context is None else context
-    q = attn.to_q(x).unflatten(-1, (attn.heads, attn.dim_head))
-    k, v = attn.to_kv(src).unflatten(-1, (2, attn.heads, attn.dim_head)).unbind(-3)
-    out = nearby_attention(q, k, v, extent, causal=attn.causal, backend=attn.backend)
-    return attn.to_out(out.flatten(-2))
 
 
 class FeedForward(nn.Module):
@@ -82,7 +69,7 @@ class EncoderLayer(nn.Module):
         self.ff = FeedForward(c.dim, c.ff_mult)
 
     def forward(self, x, extent):
-        x = x + attend(self.attn, self.norm1(x), None, extent)
+        x = x + self.attn(self.norm1(x), extent=extent)
         return x + self.ff(self.norm2(x))
 
 
@@ -97,9 +84,9 @@ class DecoderLayer(nn.Module):
         self.norm_ff, self.ff = nn.LayerNorm(c.dim), FeedForward(c.dim, c.ff_mult)
 
     def forward(self, x, text_mem, vis_mem, self_extent, vis_extent):
-        x = x + attend(self.self_attn, self.norm_self(x), None, self_extent)
-        x = x + attend(self.cross_text, self.norm_text(x), text_mem, None)
-        x = x + attend(self.cross_vis, self.norm_vis(x), vis_mem, vis_extent)
+        x = x + self.self_attn(self.norm_self(x), extent=self_extent)
+        x = x + self.cross_text(self.norm_text(x), text_mem)
+        x = x + self.cross_vis(self.norm_vis(x), vis_mem, extent=vis_extent)
         return x + self.ff(self.norm_ff(x))
 
 

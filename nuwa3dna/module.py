@@ -51,12 +51,18 @@ class NearbyAttention3D(nn.Module):
         if context.shape[0] != x.shape[0]:
             raise ValueError(f"x and context differ in batch: x.shape={tuple(x.shape)}, context.shape={tuple(context.shape)}")
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor = None, *, extent=None) -> torch.Tensor:
+        """``extent`` overrides the module's window for this call (same weights), e.g. one
+        encoder serving condition grids with different windows."""
         self._check(x, context)
+        if extent is None:
+            extent = self.extent
+        else:
+            check_extent(extent)
         if context is None and self.context_dim is not None:
             raise ValueError(f"this module was built for cross-attention ({self.context_dim=}); pass a context")
         src = x if context is None else context
         q = self.to_q(x).unflatten(-1, (self.heads, self.dim_head))
         k, v = self.to_kv(src).unflatten(-1, (2, self.heads, self.dim_head)).unbind(-3)
-        out = nearby_attention(q, k, v, self.extent, causal=self.causal, backend=self.backend)
+        out = nearby_attention(q, k, v, extent, causal=self.causal, backend=self.backend)
         return self.to_out(out.flatten(-2))
