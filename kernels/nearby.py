@@ -1,8 +1,8 @@
 """Fused Triton kernels of 3D Nearby Attention (3DNA), forward and backward.
 
 Reads top-down: jit helpers, the forward kernel, the backward kernels
-(preprocess delta, dK/dV, dQ), the tile planner and launchers, the autograd
-Function and ``triton_nearby_attention`` (called by ``nuwa3dna.ops``).
+(preprocess delta, dK/dV, dQ), the tile planner and launch table, launchers,
+the autograd Function and ``triton_nearby_attention`` (called by ``nuwa3dna.ops``).
 
 Semantics are those of SPEC.md section 1 / ``nuwa3dna.geometry``: the query
 (t, h, w) of grid (T, H, W) is centred at (t*T2//T, h*H2//H, w*W2//W) in the
@@ -12,29 +12,32 @@ window of radius ``extent`` on every axis and, when causal, its raster index is
 
 Tiling. A program owns a 3D query tile (BT x BH x BW queries, flattened to
 BLOCK_Q rows) of one (batch, head). The tile's windows, unioned per axis, form a
-key box [a_lo, a_hi) x [b_lo, b_hi) x [c_lo, c_hi) (centres are monotone in the
-query index, so the union of the per-axis windows is one interval per axis);
-the program walks that box in 3D key tiles (KT x KH x KW keys, BLOCK_K rows)
-with runtime loop bounds and builds the visibility mask from coordinates, so
-no (queries x keys) tensor exists anywhere. Causal: key tiles whose first
-(smallest raster) key lies after the tile's last query are never visited.
+key box (centres are monotone in the query index, so the union of the per-axis
+windows is one interval per axis); the program walks that box in one flat,
+software-pipelined loop over 1 x KH x KW key tiles with runtime bounds and
+builds the visibility mask from coordinates, so no (queries x keys) tensor
+exists anywhere. Causal: key tiles whose first key comes after the tile's last
+query are a tail of the walk and are never visited. Tile shapes come from a
+cost model on the actual grids (``plan_tiles``); block sizes, warps and stages
+from a per-arch table checked by ``kernels/report.py`` (``CONFIG_TABLE``).
 
 Backward (FlashAttention-2): ``delta = rowsum(dO * O)`` in a preprocess
 kernel; dK/dV with one program per 3D key tile that walks the query tiles
 whose windows reach it (the inverse of the rescaled centre map, as
-``geometry.query_range``); dQ like the forward. Every output element is
-written by exactly one program: deterministic, no atomics.
+``geometry.query_range``; causal skips a head of that walk); dQ like the
+forward. Every output element is written by exactly one program:
+deterministic, no atomics.
 
-Numerics: scores and softmax in float32, the exponent in base 2 (the score
-scale is premultiplied by log2(e)); the saved log-sum-exp is the natural one,
-float32, shape (B, heads, T, H, W). float32 inputs use ``input_precision="ieee"``
-in ``tl.dot`` (tf32 would miss the float32 tolerance by ~1e-3 relative).
+Numerics: scores and softmax in float32, exponent in base 2 (the scale is
+premultiplied by log2(e)); the saved log-sum-exp is the natural one, float32,
+shape (B, heads, T, H, W). bf16 P and dS enter their dots as a hi + lo pair of
+bf16 tiles (``_dot_acc``); float32 dots are exact (``input_precision="ieee"``).
 
 Untested here: the compiled GPU path is never run in this project's CI (no
 GPU); it is compiled ahead of time for sm_80/sm_90 by ``kernels/report.py``.
-Under the Triton interpreter bf16 ``tl.dot`` returns garbage, so the
-interpreter path upcasts bf16 tiles to float32 before every dot
-(UPCAST_DOT); the native bf16 dot is only compiled, not run.
+Under the Triton interpreter bf16 ``tl.dot`` returns garbage (it multiplies the
+raw 16-bit patterns), so the interpreter path upcasts bf16 tiles to float32
+before every dot (UPCAST_DOT); the native bf16 dot is only compiled, not run.
 """
 from __future__ import annotations
 
@@ -73,9 +76,9 @@ def _centre(i, n_q, n_kv):
 @triton.jit
 def _tile_coords(offs, t0, h0, w0, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     """Coordinates of the rows of a (BT x BH x BW) tile at (t0, h0, w0), raster order inside."""
-    t = t0 + offs // (BH * BW)              # [BLOCK]
-    h = h0 + (offs // BW) % BH              # [BLOCK]
-    w = w0 + offs % BW                      # [BLOCK]
+    t = t0 + offs // (BH * BW)                                          # [BLOCK]
+    h = h0 + (offs // BW) % BH                                          # [BLOCK]
+    w = w0 + offs % BW                                                  # [BLOCK]
     return t, h, w
 
 
@@ -114,6 +117,9 @@ def _dot(a, b, UPCAST_DOT: tl.constexpr, acc=None):
     if UPCAST_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif a.dtype == tl.float32:
+        # Exact float32 products on FMAs: what the interpreter (the tests) computes.
+        # tf32 misses the float32 tolerance; tf32x3 spilled from head dim 64 up
+        # (dK/dV, 64x16 tiles: 20 bytes; head dim 128: >= 36 bytes at 16x16).
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
@@ -140,12 +146,11 @@ def _dot_acc(acc, a32, b, UPCAST_DOT: tl.constexpr):
 
 @triton.jit
 def _tile_mask(row_ok, r0, r1, c0, c1, jr, jc):
-    """[rows, cols] mask: row_ok and r0 <= jr <= r1 and c0 <= jc <= c1 (bounds per row).
+    """[rows, cols] mask: row_ok and r0 <= jr <= r1 and c0 <= jc <= c1.
 
-    The bounds are per row and already shifted to tile-local column indices
-    (jr, jc: loop-invariant aranges), so no per-column coordinate vector lives
-    in registers across the loop: on sm_80 the column vectors of the MMA layout
-    cost 16 registers each at 64 columns and pushed the kernels into spills.
+    The bounds are per row (one query's or one key's window, already shifted to
+    the walked tile's local indices jr, jc, which are loop-invariant aranges), so
+    each iteration only updates [rows] vectors: 4 integer compares per element.
     """
     return row_ok[:, None] & (jr[None, :] >= r0[:, None]) & (jr[None, :] <= r1[:, None]) \
         & (jc[None, :] >= c0[:, None]) & (jc[None, :] <= c1[:, None])
@@ -255,7 +260,7 @@ def _fwd_kernel(
     offs_q = tl.arange(0, BLOCK_Q)
     offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
-    qt, qh, qw = _tile_coords(offs_q, t0, h0, w0, BT, BH, BW)          # [BLOCK_Q] each
+    qt, qh, qw = _tile_coords(offs_q, t0, h0, w0, BT, BH, BW)           # [BLOCK_Q] each
     q_ok = (qt < T) & (qh < H) & (qw < W)                               # [BLOCK_Q]
     q = _load_rows(Q + b * sq_b + hd * sq_n, _token_offsets(qt, qh, qw, sq_t, sq_h, sq_w),
                    q_ok, offs_d, sq_d, D, EVEN_D)                       # [BLOCK_Q, BLOCK_D]
@@ -270,7 +275,7 @@ def _fwd_kernel(
     jw = offs_k % KW                                                    # [BLOCK_K]
     jhw = jh * W2 + jw                                                  # [BLOCK_K] raster offset in tile
 
-    m_i = tl.full([BLOCK_Q], C_NEG_BIG, tl.float32)                    # running max (log2 units)
+    m_i = tl.full([BLOCK_Q], C_NEG_BIG, tl.float32)                     # running max (log2 units)
     l_i = tl.zeros([BLOCK_Q], tl.float32)                               # running sum
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)                      # [BLOCK_Q, BLOCK_D]
 
@@ -284,23 +289,23 @@ def _fwd_kernel(
         bb = b_lo + ((it // n_c) % n_b) * KH
         c = c_lo + (it % n_c) * KW
         frame_ok = tl.abs(a - ct) <= ET                                 # [BLOCK_Q]
-        kh = bb + jh                                            # [BLOCK_K]
-        kw = c + jw                                             # [BLOCK_K]
+        kh = bb + jh                                                    # [BLOCK_K]
+        kw = c + jw                                                     # [BLOCK_K]
         k_ok = (kh < H2) & (kw < W2)
         k_off = _token_offsets(a, kh, kw, sk_t, sk_h, sk_w)
-        k = _load_rows(K, k_off, k_ok, offs_d, sk_d, D, EVEN_D)  # [BLOCK_K, BLOCK_D]
+        k = _load_rows(K, k_off, k_ok, offs_d, sk_d, D, EVEN_D)         # [BLOCK_K, BLOCK_D]
         v = _load_rows(V, _token_offsets(a, kh, kw, sv_t, sv_h, sv_w), k_ok,
-                       offs_d, sv_d, D, EVEN_D)                 # [BLOCK_K, BLOCK_D]
-        s = _dot(q, tl.trans(k), UPCAST_DOT) * qk_scale          # [BLOCK_Q, BLOCK_K]
-        vis = _tile_mask(frame_ok, h_lo - bb, h_hi - bb, w_lo - c, w_hi - c, jh, jw)
+                       offs_d, sv_d, D, EVEN_D)                         # [BLOCK_K, BLOCK_D]
+        s = _dot(q, tl.trans(k), UPCAST_DOT) * qk_scale                 # [BLOCK_Q, BLOCK_K]
+        vis = _tile_mask(frame_ok, h_lo - bb, h_hi - bb, w_lo - c, w_hi - c, jh, jw)  # [BLOCK_Q, BLOCK_K]
         if CAUSAL:
             vis = vis & (jhw[None, :] <= (rq - ((a * H2 + bb) * W2 + c))[:, None])
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))                   # [BLOCK_Q]
-        p = tl.math.exp2(s - m_new[:, None])                   # [BLOCK_Q, BLOCK_K]
-        alpha = tl.math.exp2(m_i - m_new)                      # [BLOCK_Q]
+        m_new = tl.maximum(m_i, tl.max(s, 1))                           # [BLOCK_Q]
+        p = tl.math.exp2(s - m_new[:, None])                            # [BLOCK_Q, BLOCK_K]
+        alpha = tl.math.exp2(m_i - m_new)                               # [BLOCK_Q]
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _dot_acc(acc * alpha[:, None], p, v, UPCAST_DOT)       # [BLOCK_Q, BLOCK_D]
+        acc = _dot_acc(acc * alpha[:, None], p, v, UPCAST_DOT)          # [BLOCK_Q, BLOCK_D]
         m_i = m_new
 
     # Every query on the grid sees at least its own centre, so l_i > 0 there;
@@ -342,9 +347,9 @@ def _bwd_preprocess_kernel(
     hd = (bh % n_heads).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_rows(O + b * so_b + hd * so_n, _token_offsets(t, h, w, so_t, so_h, so_w), ok,
-                   offs_d, so_d, D, EVEN_D).to(tl.float32)               # [BLOCK_N, BLOCK_D]
+                   offs_d, so_d, D, EVEN_D).to(tl.float32)              # [BLOCK_N, BLOCK_D]
     do = _load_rows(DO + b * sdo_b + hd * sdo_n, _token_offsets(t, h, w, sdo_t, sdo_h, sdo_w), ok,
-                    offs_d, sdo_d, D, EVEN_D).to(tl.float32)             # [BLOCK_N, BLOCK_D]
+                    offs_d, sdo_d, D, EVEN_D).to(tl.float32)            # [BLOCK_N, BLOCK_D]
     tl.store(DELTA + bh.to(tl.int64) * n_q + r, tl.sum(o * do, 1), mask=ok)
 
 
@@ -360,8 +365,13 @@ def _bwd_dkdv_kernel(
     T, H, W, T2, H2, W2, ET, EH, EW, n_heads, D, scale, qk_scale,
     BH: tl.constexpr, BW: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
+    DO_DK: tl.constexpr, DO_DV: tl.constexpr,
 ):
     """dK, dV of one 3D key tile (KT x KH x KW), summed over every query whose window reaches it.
+
+    DO_DK / DO_DV select the outputs: both in one pass normally; at head dim
+    256 two fp32 [64, 256] accumulators (256 registers/thread on one
+    warpgroup) cannot fit, so the launcher runs a dK pass and a dV pass.
 
     Pointers: Q, DO (B, T, H, W, heads, D); K, V, DK, DV (B, T2, H2, W2, heads, D);
     any strides; LSE (natural) and DELTA float32 (B, heads, T, H, W) contiguous.
@@ -376,12 +386,13 @@ def _bwd_dkdv_kernel(
     offs_q = tl.arange(0, BLOCK_Q)
     offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
-    kt, kh, kw = _tile_coords(offs_k, a0, b0, c0, KT, KH, KW)          # [BLOCK_K] each
+    kt, kh, kw = _tile_coords(offs_k, a0, b0, c0, KT, KH, KW)           # [BLOCK_K] each
     k_ok = (kt < T2) & (kh < H2) & (kw < W2)
     k = _load_rows(K + b * sk_b + hd * sk_n, _token_offsets(kt, kh, kw, sk_t, sk_h, sk_w), k_ok,
                    offs_d, sk_d, D, EVEN_D)                             # [BLOCK_K, BLOCK_D]
-    v = _load_rows(V + b * sv_b + hd * sv_n, _token_offsets(kt, kh, kw, sv_t, sv_h, sv_w), k_ok,
-                   offs_d, sv_d, D, EVEN_D)                             # [BLOCK_K, BLOCK_D]
+    if DO_DK:
+        v = _load_rows(V + b * sv_b + hd * sv_n, _token_offsets(kt, kh, kw, sv_t, sv_h, sv_w), k_ok,
+                       offs_d, sv_d, D, EVEN_D)                         # [BLOCK_K, BLOCK_D]
     Q += b * sq_b + hd * sq_n
     DO += b * sdo_b + hd * sdo_n
     LSE += bh.to(tl.int64) * (T * H * W)
@@ -395,8 +406,8 @@ def _bwd_dkdv_kernel(
     iw = offs_q % BW                                                    # [BLOCK_Q]
     ihw = ih * W + iw                                                   # [BLOCK_Q] raster offset in tile
 
-    dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)                      # [BLOCK_K, BLOCK_D]
-    dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)                      # [BLOCK_K, BLOCK_D]
+    dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)                       # [BLOCK_K, BLOCK_D]
+    dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)                       # [BLOCK_K, BLOCK_D]
 
     t_lo, t_hi = _query_range(a0, a_last, T, T2, ET)
     h_lo, h_hi = _query_range(b0, b_last, H, H2, EH)
@@ -418,34 +429,38 @@ def _bwd_dkdv_kernel(
         t = t_lo + it // (n_h * n_w)
         h = h_lo + ((it // n_w) % n_h) * BH
         w = w_lo + (it % n_w) * BW
-        frame_ok = (t >= qt0) & (t < qt1) & k_ok                         # [BLOCK_K]
-        qh = h + ih                                             # [BLOCK_Q]
-        qw = w + iw                                             # [BLOCK_Q]
+        frame_ok = (t >= qt0) & (t < qt1) & k_ok                        # [BLOCK_K]
+        qh = h + ih                                                     # [BLOCK_Q]
+        qw = w + iw                                                     # [BLOCK_Q]
         # Queries past the range ends see nothing of this key tile.
         q_ok = (qh < h_hi) & (qw < w_hi)
         q = _load_rows(Q, _token_offsets(t, qh, qw, sq_t, sq_h, sq_w), q_ok,
-                       offs_d, sq_d, D, EVEN_D)                 # [BLOCK_Q, BLOCK_D]
+                       offs_d, sq_d, D, EVEN_D)                         # [BLOCK_Q, BLOCK_D]
         do = _load_rows(DO, _token_offsets(t, qh, qw, sdo_t, sdo_h, sdo_w), q_ok,
-                        offs_d, sdo_d, D, EVEN_D)               # [BLOCK_Q, BLOCK_D]
-        rq = (t * H + qh) * W + qw                              # [BLOCK_Q]
-        lse2 = tl.load(LSE + rq, mask=q_ok, other=0.0) * C_LOG2E  # [BLOCK_Q]
-        delta = tl.load(DELTA + rq, mask=q_ok, other=0.0)      # [BLOCK_Q]
+                        offs_d, sdo_d, D, EVEN_D)                       # [BLOCK_Q, BLOCK_D]
+        rq = (t * H + qh) * W + qw                                      # [BLOCK_Q]
+        lse2 = tl.load(LSE + rq, mask=q_ok, other=0.0) * C_LOG2E        # [BLOCK_Q]
         # The range ends h_hi, w_hi also hide the tile's queries past them.
         vis_t = _tile_mask(frame_ok, qh0 - h, tl.minimum(qh1, h_hi) - h - 1,
                            qw0 - w, tl.minimum(qw1, w_hi) - w - 1, ih, iw)  # [BLOCK_K, BLOCK_Q]
         if CAUSAL:
             vis_t = vis_t & (ihw[None, :] >= (rk - ((t * H + h) * W + w))[:, None])
-        s_t = _dot(k, tl.trans(q), UPCAST_DOT) * qk_scale       # [BLOCK_K, BLOCK_Q]
+        s_t = _dot(k, tl.trans(q), UPCAST_DOT) * qk_scale               # [BLOCK_K, BLOCK_Q]
         p_t = tl.where(vis_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)
-        dv = _dot_acc(dv, p_t, do, UPCAST_DOT)                          # [BLOCK_K, BLOCK_D]
-        dp_t = _dot(v, tl.trans(do), UPCAST_DOT)                # [BLOCK_K, BLOCK_Q]
-        ds_t = p_t * (dp_t - delta[None, :])                    # [BLOCK_K, BLOCK_Q]
-        dk = _dot_acc(dk, ds_t, q, UPCAST_DOT)                          # [BLOCK_K, BLOCK_D]
+        if DO_DV:
+            dv = _dot_acc(dv, p_t, do, UPCAST_DOT)                      # [BLOCK_K, BLOCK_D]
+        if DO_DK:
+            delta = tl.load(DELTA + rq, mask=q_ok, other=0.0)           # [BLOCK_Q]
+            dp_t = _dot(v, tl.trans(do), UPCAST_DOT)                    # [BLOCK_K, BLOCK_Q]
+            ds_t = p_t * (dp_t - delta[None, :])                        # [BLOCK_K, BLOCK_Q]
+            dk = _dot_acc(dk, ds_t, q, UPCAST_DOT)                      # [BLOCK_K, BLOCK_D]
 
-    _store_rows(DK + b * sdk_b + hd * sdk_n, _token_offsets(kt, kh, kw, sdk_t, sdk_h, sdk_w), k_ok,
-                offs_d, sdk_d, D, (dk * scale).to(DK.dtype.element_ty), EVEN_D)
-    _store_rows(DV + b * sdv_b + hd * sdv_n, _token_offsets(kt, kh, kw, sdv_t, sdv_h, sdv_w), k_ok,
-                offs_d, sdv_d, D, dv.to(DV.dtype.element_ty), EVEN_D)
+    if DO_DK:
+        _store_rows(DK + b * sdk_b + hd * sdk_n, _token_offsets(kt, kh, kw, sdk_t, sdk_h, sdk_w), k_ok,
+                    offs_d, sdk_d, D, (dk * scale).to(DK.dtype.element_ty), EVEN_D)
+    if DO_DV:
+        _store_rows(DV + b * sdv_b + hd * sdv_n, _token_offsets(kt, kh, kw, sdv_t, sdv_h, sdv_w), k_ok,
+                    offs_d, sdv_d, D, dv.to(DV.dtype.element_ty), EVEN_D)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_SIZES)
@@ -473,7 +488,7 @@ def _bwd_dq_kernel(
     offs_q = tl.arange(0, BLOCK_Q)
     offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
-    qt, qh, qw = _tile_coords(offs_q, t0, h0, w0, BT, BH, BW)          # [BLOCK_Q] each
+    qt, qh, qw = _tile_coords(offs_q, t0, h0, w0, BT, BH, BW)           # [BLOCK_Q] each
     q_ok = (qt < T) & (qh < H) & (qw < W)
     q = _load_rows(Q + b * sq_b + hd * sq_n, _token_offsets(qt, qh, qw, sq_t, sq_h, sq_w),
                    q_ok, offs_d, sq_d, D, EVEN_D)                       # [BLOCK_Q, BLOCK_D]
@@ -481,7 +496,7 @@ def _bwd_dq_kernel(
                     q_ok, offs_d, sdo_d, D, EVEN_D)                     # [BLOCK_Q, BLOCK_D]
     rq = (qt * H + qh) * W + qw                                         # [BLOCK_Q]
     lse2 = tl.load(LSE + bh.to(tl.int64) * (T * H * W) + rq, mask=q_ok, other=0.0) * C_LOG2E  # [BLOCK_Q]
-    delta = tl.load(DELTA + bh.to(tl.int64) * (T * H * W) + rq, mask=q_ok, other=0.0)       # [BLOCK_Q]
+    delta = tl.load(DELTA + bh.to(tl.int64) * (T * H * W) + rq, mask=q_ok, other=0.0)  # [BLOCK_Q]
     K += b * sk_b + hd * sk_n
     V += b * sv_b + hd * sv_n
     ct = _centre(qt, T, T2)                                             # [BLOCK_Q]
@@ -491,7 +506,7 @@ def _bwd_dq_kernel(
     jw = offs_k % KW                                                    # [BLOCK_K]
     jhw = jh * W2 + jw                                                  # [BLOCK_K] raster offset in tile
 
-    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)                      # [BLOCK_Q, BLOCK_D]
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)                       # [BLOCK_Q, BLOCK_D]
     a_lo, b_lo, c_lo, n_b, n_c, n_iter = _key_tiles(t0, h0, w0, t_last, h_last, w_last, T, H, W,
                                                     T2, H2, W2, ET, EH, EW, KH, KW, CAUSAL)
     # One flat loop over the key tiles of the box (frame, row tile, column tile in
@@ -502,20 +517,20 @@ def _bwd_dq_kernel(
         bb = b_lo + ((it // n_c) % n_b) * KH
         c = c_lo + (it % n_c) * KW
         frame_ok = tl.abs(a - ct) <= ET                                 # [BLOCK_Q]
-        kh = bb + jh                                            # [BLOCK_K]
+        kh = bb + jh                                                    # [BLOCK_K]
         kw = c + jw
         k_ok = (kh < H2) & (kw < W2)
         k = _load_rows(K, _token_offsets(a, kh, kw, sk_t, sk_h, sk_w), k_ok,
-                       offs_d, sk_d, D, EVEN_D)                 # [BLOCK_K, BLOCK_D]
+                       offs_d, sk_d, D, EVEN_D)                         # [BLOCK_K, BLOCK_D]
         v = _load_rows(V, _token_offsets(a, kh, kw, sv_t, sv_h, sv_w), k_ok,
-                       offs_d, sv_d, D, EVEN_D)                 # [BLOCK_K, BLOCK_D]
-        vis = _tile_mask(frame_ok, h_lo - bb, h_hi - bb, w_lo - c, w_hi - c, jh, jw)
+                       offs_d, sv_d, D, EVEN_D)                         # [BLOCK_K, BLOCK_D]
+        vis = _tile_mask(frame_ok, h_lo - bb, h_hi - bb, w_lo - c, w_hi - c, jh, jw)  # [BLOCK_Q, BLOCK_K]
         if CAUSAL:
             vis = vis & (jhw[None, :] <= (rq - ((a * H2 + bb) * W2 + c))[:, None])
-        s = _dot(q, tl.trans(k), UPCAST_DOT) * qk_scale          # [BLOCK_Q, BLOCK_K]
-        p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)  # [BLOCK_Q, BLOCK_K]
-        dp = _dot(do, tl.trans(v), UPCAST_DOT)                   # [BLOCK_Q, BLOCK_K]
-        ds = p * (dp - delta[:, None])                           # [BLOCK_Q, BLOCK_K]
+        s = _dot(q, tl.trans(k), UPCAST_DOT) * qk_scale                 # [BLOCK_Q, BLOCK_K]
+        p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)         # [BLOCK_Q, BLOCK_K]
+        dp = _dot(do, tl.trans(v), UPCAST_DOT)                          # [BLOCK_Q, BLOCK_K]
+        ds = p * (dp - delta[:, None])                                  # [BLOCK_Q, BLOCK_K]
         dq = _dot_acc(dq, ds, k, UPCAST_DOT)                            # [BLOCK_Q, BLOCK_D]
 
     _store_rows(DQ + b * sdq_b + hd * sdq_n, _token_offsets(qt, qh, qw, sdq_t, sdq_h, sdq_w), q_ok,
@@ -549,6 +564,7 @@ class LaunchConfig:
     block_d: int
     num_warps: int
     num_stages: int
+    split_dkdv: bool = False    # dK/dV kernel only: a dK pass and a dV pass (head dim 256)
 
     @property
     def block_q(self) -> int:
@@ -601,11 +617,13 @@ def _work(outer: Tile, inner: Tile, outer_grid, inner_grid, extent_like) -> int:
 def plan_tiles(outer_grid, inner_grid, extent_like, block_outer: int, block_inner: int):
     """Tile shapes (outer, inner) minimising the computed (row, column) pairs.
 
-    Example, gpu-large (16x48x48, extent (1,3,3)), 64 queries x 64 keys: 1x8x8
-    queries each see a 3x14x14 box walked in 1x4x16 key tiles = 768 keys per query
-    row, 19% of them visible; 1x4x16 queries (box 3x10x22) need 1x2x32 key tiles
-    for 960 (15%), 1x1x64 queries (box 3x7x70) 3x8x64=1536 (10%). The square
-    tile wins for square windows; thin grids (text, 1x1xL) get 1x1x64 tiles.
+    The walked (inner) tile is one frame deep, so its frame test is per row.
+    Keys computed per query, 64 x 64 tiles, from ``_work``: gpu-large (16x48x48,
+    extent (1,3,3), 147 visible): 1x8x8 or 2x2x16 queries with 1x4x16 / 1x8x8
+    keys 768 (17% visible), 1x4x16 960, 1x1x64 1536 (the planner takes 2x2x16,
+    the wider tie). nuwa-video (10x21x21, extent 3, all 10 frames in reach):
+    16x2x2 queries 1124 keys per query, 2x4x8 2006, 1x8x8 2341 (before causal
+    skipping, which the model ignores). Text grids (1x1xL) get 1x1x64 tiles.
     """
     best = None
     for outer in _shapes(block_outer, outer_grid):
@@ -622,22 +640,45 @@ def _inverse_extent(q_grid, kv_grid, extent):
     return tuple(-(-(e * q + q) // kv) for e, q, kv in zip(extent, q_grid, kv_grid))
 
 
-# (outer rows, inner rows, num_warps, num_stages) by kernel and padded head dim;
-# "outer" is what a program owns (queries; keys for dK/dV), "inner" what it walks.
-# Chosen from kernels/report.py (zero spills on sm_80 and sm_90, wgmma on sm_90
-# needs 64 rows per warpgroup in the accumulating dots): see pick_configs.
-CONFIG_TABLE = {
-    "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3),
-            256: (64, 32, 8, 2)},
-    "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 8, 3),
-           256: (64, 32, 8, 2)},
-    "dkdv": {16: (64, 32, 8, 3), 32: (64, 32, 8, 3), 64: (64, 32, 8, 3), 128: (64, 32, 8, 2),
-             256: (64, 16, 8, 2)},
+# Launch table: arch -> dtype class -> kernel -> padded head dim ->
+# (outer rows, inner rows, num_warps, num_stages[, split dK/dV]). "outer" is what
+# a program owns (queries; keys for dK/dV), "inner" the tile it walks. Every
+# entry compiles with zero spills (python -m nuwa3dna.kernels.report); on sm_90
+# the 16-bit entries keep 64 accumulator rows per warpgroup so the dots become
+# wgmma. 8 warps on a 64-row tile make Triton 3.9 pick different warp layouts
+# for chained dots on sm_90 and shuttle accumulators between them (spills), so
+# sm_90 keeps 4 warps and shrinks the walked tile at large head dims instead.
+_T16_SM90 = {
+    "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 3),
+            256: (64, 16, 4, 2)},
+    "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 2),
+           256: (64, 16, 4, 2)},
+    "dkdv": {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (64, 16, 4, 2),
+             256: (32, 16, 4, 2, True)},
 }
-CONFIG_TABLE_FP32 = CONFIG_TABLE
+_T16_SM80 = {
+    "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 3),
+            256: (64, 32, 8, 2)},
+    "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 3),
+           256: (64, 32, 8, 2)},
+    "dkdv": {16: (64, 32, 8, 3), 32: (64, 32, 8, 3), 64: (64, 32, 8, 3), 128: (64, 16, 4, 2),
+             256: (64, 16, 8, 1)},
+}
+CONFIG_TABLE = {
+    90: {"16bit": _T16_SM90, "fp32": _T16_SM90},
+    80: {"16bit": _T16_SM80, "fp32": _T16_SM80},
+}
 
 
-def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype):
+def device_arch(device) -> int:
+    """Config family of a device: 90 for Hopper and newer, 80 below; 90 off-GPU
+    (interpreter, report), where only the tile shapes matter."""
+    if getattr(device, "type", None) == "cuda":
+        return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+    return 90
+
+
+def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype, arch: int = 90):
     """Launch configs of the four kernels; the report compiles exactly these.
 
     Rows per program: 64 queries (64 keys for dK/dV), the M of one Hopper
@@ -646,16 +687,19 @@ def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype):
     """
     q_grid, kv_grid, extent = tuple(q_grid), tuple(kv_grid), tuple(extent)
     block_d = block_d_for(D)
-    table = CONFIG_TABLE_FP32 if dtype == torch.float32 else CONFIG_TABLE
+    table = CONFIG_TABLE[arch]["fp32" if dtype == torch.float32 else "16bit"]
     out = {}
     for kind in ("fwd", "dq"):
         outer, inner, warps, stages = table[kind][block_d]
         q_tile, k_tile = plan_tiles(q_grid, kv_grid, extent, outer, inner)
         out[kind] = LaunchConfig(kind, q_tile, k_tile, block_d, warps, stages)
-    outer, inner, warps, stages = table["dkdv"][block_d]
+    outer, inner, warps, stages, *split = table["dkdv"][block_d]
     k_tile, q_tile = plan_tiles(kv_grid, q_grid, _inverse_extent(q_grid, kv_grid, extent), outer, inner)
-    out["dkdv"] = LaunchConfig("dkdv", q_tile, k_tile, block_d, warps, stages)
-    out["preprocess"] = LaunchConfig("preprocess", (1, 1, 64), (1, 1, 1), block_d, 4, 1)
+    out["dkdv"] = LaunchConfig("dkdv", q_tile, k_tile, block_d, warps, stages, bool(split and split[0]))
+    # delta is a streaming row sum: 2048 / block_d rows keep 16 values per thread
+    # and tensor (64 rows at D=64 float32 spilled on sm_90).
+    rows = min(128, max(16, 2048 // block_d))
+    out["preprocess"] = LaunchConfig("preprocess", (1, 1, rows), (1, 1, 1), block_d, 4, 1)
     return out
 
 
@@ -683,40 +727,44 @@ def _meta(cfg: LaunchConfig, causal: bool, dtype) -> dict:
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def fwd_launch(q, k, v, out, lse, extent, causal, scale):
+def fwd_launch(q, k, v, out, lse, extent, causal, scale, arch=None):
     B, T, H, W, n_heads, D = q.shape
     T2, H2, W2 = k.shape[1:4]
-    cfg = pick_configs((T, H, W), (T2, H2, W2), extent, D, q.dtype)["fwd"]
+    cfg = pick_configs((T, H, W), (T2, H2, W2), extent, D, q.dtype, arch or device_arch(q.device))["fwd"]
     grid = (B * n_heads * _n_tiles((T, H, W), cfg.q_tile),)
     args = [q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             T, H, W, T2, H2, W2, *extent, n_heads, D, scale * LOG2E]
     return fwd_kernel, grid, args, _meta(cfg, causal, q.dtype)
 
 
-def preprocess_launch(q, out, dout, delta):
+def preprocess_launch(q, out, dout, delta, arch=None):
     B, T, H, W, n_heads, D = q.shape
-    cfg = pick_configs((T, H, W), (T, H, W), (0, 0, 0), D, q.dtype)["preprocess"]
+    arch = arch or device_arch(q.device)
+    cfg = pick_configs((T, H, W), (T, H, W), (0, 0, 0), D, q.dtype, arch)["preprocess"]
     grid = (B * n_heads * triton.cdiv(T * H * W, cfg.block_q),)
     args = [out, dout, delta, *out.stride(), *dout.stride(), T, H, W, n_heads, D]
     meta = dict(BLOCK_N=cfg.block_q, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return bwd_preprocess_kernel, grid, args, meta
 
 
-def dkdv_launch(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale):
+def dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale, arch=None):
+    """One launch (dK and dV together) or two (a dK pass, a dV pass; see split_dkdv)."""
     B, T, H, W, n_heads, D = q.shape
     T2, H2, W2 = k.shape[1:4]
-    cfg = pick_configs((T, H, W), (T2, H2, W2), extent, D, q.dtype)["dkdv"]
+    cfg = pick_configs((T, H, W), (T2, H2, W2), extent, D, q.dtype, arch or device_arch(q.device))["dkdv"]
     grid = (B * n_heads * _n_tiles((T2, H2, W2), cfg.k_tile),)
     args = [q, k, v, dout, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             T, H, W, T2, H2, W2, *extent, n_heads, D, scale, scale * LOG2E]
-    return bwd_dkdv_kernel, grid, args, _meta(cfg, causal, q.dtype)
+    meta = _meta(cfg, causal, q.dtype)
+    passes = [(True, False), (False, True)] if cfg.split_dkdv else [(True, True)]
+    return [(bwd_dkdv_kernel, grid, args, dict(meta, DO_DK=a, DO_DV=b)) for a, b in passes]
 
 
-def dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale):
+def dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale, arch=None):
     B, T, H, W, n_heads, D = q.shape
     T2, H2, W2 = k.shape[1:4]
-    cfg = pick_configs((T, H, W), (T2, H2, W2), extent, D, q.dtype)["dq"]
+    cfg = pick_configs((T, H, W), (T2, H2, W2), extent, D, q.dtype, arch or device_arch(q.device))["dq"]
     grid = (B * n_heads * _n_tiles((T, H, W), cfg.q_tile),)
     args = [q, k, v, dout, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
@@ -756,7 +804,8 @@ def nearby_attention_backward(q, k, v, out, lse, dout, extent, causal: bool, sca
     if delta is None:
         delta = torch.empty(stats_shape(q), dtype=torch.float32, device=q.device)
     _run(preprocess_launch(q, out, dout, delta))
-    _run(dkdv_launch(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale))
+    for spec in dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale):
+        _run(spec)
     _run(dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale))
     return dq, dk, dv
 

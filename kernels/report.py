@@ -4,11 +4,12 @@
 (forward, preprocess, dK/dV, dQ) for sm_90 and sm_80 with exactly the launch
 configuration the launchers pick (``nearby.*_launch`` build the arguments,
 block sizes, num_warps and num_stages; nothing is restated here), for head
-dims 32/64/128/256 and float16/bfloat16/float32, on the GPU workloads of
+dims 16/32/64/128/256 and float16/bfloat16/float32, on the GPU workloads of
 SPEC.md (``gpu-large``: non-causal, ``nuwa-video``: causal). It prints per
 config: registers per thread and spill bytes (from ``ptxas -v`` on the PTX
 Triton produced, ptxas from the Triton wheel, same flags as Triton's), shared
-memory (Triton's metadata) and whether the sm_90 PTX uses ``wgmma``.
+memory (Triton's metadata, checked against the arch's per-block limit) and
+whether the sm_90 PTX uses ``wgmma``.
 
 Specialisation mirrors a real launch: arguments go through Triton's own
 ``native_specialize_impl`` with each parameter's do_not_specialize flags, on
@@ -44,14 +45,16 @@ from ..problems import WORKLOADS
 from . import nearby
 
 ARCHS = (90, 80)
-HEAD_DIMS = (32, 64, 128, 256)
+HEAD_DIMS = (16, 32, 64, 128, 256)
+# Largest shared memory one block may use: H100 227 KiB, A100 163 KiB.
+SMEM_LIMIT = {90: 232448, 80: 166912}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REPORT_WORKLOADS = ("gpu-large", "nuwa-video")
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def launch_specs(workload: str, D: int, dtype: torch.dtype) -> Dict[str, tuple]:
-    """The four launches of a forward + backward of ``workload`` at head dim D."""
+def launch_specs(workload: str, D: int, dtype: torch.dtype, arch: int) -> Dict[str, tuple]:
+    """The launches of a forward + backward of ``workload`` at head dim D on ``arch``."""
     p = WORKLOADS[workload]
     scale = D ** -0.5
     extent = p.resolved_extent
@@ -63,12 +66,17 @@ def launch_specs(workload: str, D: int, dtype: torch.dtype) -> Dict[str, tuple]:
     dk, dv = t(p.kv), t(p.kv)
     lse = torch.empty(nearby.stats_shape(q), dtype=torch.float32, device="meta")
     delta = torch.empty_like(lse)
-    return {
-        "fwd": nearby.fwd_launch(q, k, v, out, lse, extent, p.causal, scale),
-        "preprocess": nearby.preprocess_launch(q, out, dout, delta),
-        "dkdv": nearby.dkdv_launch(q, k, v, dout, lse, delta, dk, dv, extent, p.causal, scale),
-        "dq": nearby.dq_launch(q, k, v, dout, lse, delta, dq, extent, p.causal, scale),
+    specs = {
+        "fwd": nearby.fwd_launch(q, k, v, out, lse, extent, p.causal, scale, arch),
+        "preprocess": nearby.preprocess_launch(q, out, dout, delta, arch),
+        "dq": nearby.dq_launch(q, k, v, dout, lse, delta, dq, extent, p.causal, scale, arch),
     }
+    dkdv = nearby.dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, p.causal, scale, arch)
+    if len(dkdv) == 1:
+        specs["dkdv"] = dkdv[0]
+    else:
+        specs["dkdv:dk"], specs["dkdv:dv"] = dkdv
+    return specs
 
 
 def _source(spec):
@@ -133,6 +141,7 @@ def compile_spec(spec, arch: int) -> dict:
         "regs": usage["regs"],
         "spills": usage["spill_stores"] + usage["spill_loads"],
         "shared": compiled.metadata.shared,
+        "smem_ok": compiled.metadata.shared <= SMEM_LIMIT[arch],
         "wgmma": "wgmma" in ptx,
         "num_warps": options["num_warps"],
         "num_stages": options["num_stages"],
@@ -143,18 +152,20 @@ def report(workloads=REPORT_WORKLOADS, head_dims=HEAD_DIMS, dtypes=DTYPES, archs
            kernels=("fwd", "preprocess", "dkdv", "dq"), log=None) -> List[dict]:
     rows = []
     for wl in workloads:
+        p = WORKLOADS[wl]
         for D in head_dims:
             for dt in dtypes:
-                specs = launch_specs(wl, D, dt)
-                p = WORKLOADS[wl]
-                cfgs = nearby.pick_configs(p.q_grid, p.kv, p.resolved_extent, D, dt)
-                for name in kernels:
-                    c = cfgs[name]
-                    tiles = ("x".join(map(str, c.q_tile)) + "/" + "x".join(map(str, c.k_tile))
-                             if name != "preprocess" else str(c.block_q))
-                    for arch in archs:
+                for arch in archs:
+                    specs = launch_specs(wl, D, dt, arch)
+                    cfgs = nearby.pick_configs(p.q_grid, p.kv, p.resolved_extent, D, dt, arch)
+                    for name, spec in specs.items():
+                        if name.split(":")[0] not in kernels:
+                            continue
+                        c = cfgs[name.split(":")[0]]
+                        tiles = ("x".join(map(str, c.q_tile)) + "/" + "x".join(map(str, c.k_tile))
+                                 if name != "preprocess" else str(c.block_q))
                         row = {"workload": wl, "kernel": name, "D": D, "dtype": DTYPE_NAMES[dt],
-                               "arch": f"sm_{arch}", "tiles": tiles, **compile_spec(specs[name], arch)}
+                               "arch": f"sm_{arch}", "tiles": tiles, **compile_spec(spec, arch)}
                         rows.append(row)
                         if log:
                             log(row)

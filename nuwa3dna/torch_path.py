@@ -2,13 +2,20 @@
 
 Layout. Queries are cut into tiles of 1 frame x ``bh`` rows x ``bw`` columns.
 Keys and values are re-laid once per call into overlapping column *strips*:
-strip s holds the ``Lw`` key columns that the query columns s*bw..s*bw+bw-1
-can see (``Lw = bw + 2*e_w`` for self-attention), for every frame and row. In
-that layout the keys a query tile sees in one key frame (``Lh`` rows x ``Lw``
-columns) are one contiguous (Lh*Lw, D) matrix, so a whole row of tiles x
-heads x batch is one ``torch.bmm`` on views, with no gather. Key frames are a
-short Python loop (2*e_t+1 at most; frames outside the grid are skipped, and
-causal skips future frames).
+strip s holds the ``lw`` key columns that the query columns s*bw..s*bw+bw-1
+can see (``lw = bw + 2*e_w`` for self-attention), for every frame and row. In
+that layout the keys a query tile sees in one key frame (``lh`` rows x ``lw``
+columns) are one contiguous (lh*lw, D) matrix, so a whole row of tiles x
+heads x batch is one ``torch.bmm`` on views, with no gather.
+
+Forward (key-frame stationary). For one row tile and one key frame, the query
+tiles of all the frames that see that key frame (2*e_t+1, fewer at borders or
+when causal) are consecutive rows of one matrix, so one bmm scores them all
+and each key/value halo is read once; the softmax runs online across key
+frames (running max / sum / rescaled accumulator, FlashAttention style).
+Backward (query-tile stationary): per query tile, the scores of its key
+frames are recomputed from the saved log-sum-exp; dk/dv accumulate into strip
+buffers that are summed back onto the grid at the end.
 
 Masking. Visibility depends only on the tile's (row, strip) position and on
 whether the key frame is the query frame (causal), never on the frame index
@@ -17,17 +24,19 @@ once per geometry, cached, and broadcast over frames, batch and heads. Keys in
 padding (outside the grid) are zeros with bias -inf; padded queries get bias 0
 so they stay finite and are dropped.
 
+Threads. Work is split into a few contiguous parts run by worker threads,
+each single-threaded inside torch (see ``_run`` for why).
+
 Numerics: scores, softmax and accumulation in float32 (float64 for float64
 inputs, used by gradcheck); fp16/bf16 inputs are up-cast while being re-laid,
-which costs nothing extra since the re-layout copies anyway. The forward saves
-the log-sum-exp; the backward recomputes probabilities per tile
-(FlashAttention style), so memory is linear in tokens: the largest temporary
-is one chunk of scores (about 1 MiB) and the strip copies (about
-(bw + 2 e_w) / bw times k and v).
+which costs nothing extra since the re-layout copies anyway. Memory is linear
+in tokens: strips are (bw + 2 e_w) / bw times k and v, plus one ~1 MiB chunk
+of scores per worker; nothing is (queries x keys).
 
 Untested here: speed (benchmarks/ measures it); the tile-size heuristic's
-choice is only checked for correctness, not optimality, on shapes beyond the
-named workloads.
+choice is only checked for correctness, not optimality; thread-safety of
+concurrent calls from several user threads (scratch buffers are per thread,
+the worker pool is shared and unlocked).
 """
 from __future__ import annotations
 
@@ -40,11 +49,14 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .geometry import Grid, centre_int
+from .geometry import Grid, centre_int, query_range
 
 # Score-chunk target in elements: 2 cores x ~1 MiB L2 each hold about 512K
 # floats; measured on cpu-mid, 192K-512K are within noise, 2M is ~15% slower.
 CHUNK_ELEMS = 320 * 1024
+
+# Forward loop order: "key_frames" (default) or "query_tiles"; see nearby_forward.
+FORWARD = "key_frames"
 
 # Tile override for benchmarks/experiments: None lets ``choose_tiles`` decide.
 TILE_OVERRIDE: Optional[Tuple[int, int]] = None
@@ -147,6 +159,7 @@ class Geometry:
     row_start: Tuple[int, ...]    # per row tile, first halo row in padded rows
     col_start: Tuple[int, ...]    # per strip, first key column (may be < 0)
     frames: Tuple[Tuple[int, int], ...]   # per query frame, key frames [a0, a1)
+    qframes: Tuple[Tuple[int, int], ...]  # per key frame, query frames [t0, t1) that see it
 
 
 @lru_cache(maxsize=64)
@@ -167,8 +180,14 @@ def geometry(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, bh: int, b
         if causal:
             a1 = min(a1, t + 1)
         frames.append((a0, a1))
+    qframes = []
+    for a in range(T2):
+        t0, t1 = query_range(a, a + 1, T, T2, et)
+        if causal:
+            t0 = max(t0, a)
+        qframes.append((t0, t1) if t0 < t1 else (0, 0))
     return Geometry(bh, bw, nht, ns, lh, lw, pad_top, h2p,
-                    tuple(r + pad_top for r in rows), tuple(cols), tuple(frames))
+                    tuple(r + pad_top for r in rows), tuple(cols), tuple(frames), tuple(qframes))
 
 
 @lru_cache(maxsize=64)
@@ -248,6 +267,36 @@ def _untile_q(xt: torch.Tensor, g: Geometry, shape, dtype, scale: float = 1.0) -
         torch.mul(src, scale, out=dst)
     else:
         dst.copy_(src)
+    return out if (Hp, Wp) == (H, W) else out[:, :, :H, :W].contiguous()
+
+
+def _tile_rows(x: torch.Tensor, g: Geometry, dtype, name: str, scale: float = 1.0) -> torch.Tensor:
+    """(B, T, H, W, heads, D) -> (nht, B*heads*ns, T, bh*bw, D), zero padded: for one
+    row tile and batch*head*strip, consecutive frames are consecutive rows."""
+    B, T, H, W, heads, D = x.shape
+    Hp, Wp = g.nht * g.bh, g.ns * g.bw
+    if (Hp, Wp) != (H, W):
+        xp = x.new_zeros((B, T, Hp, Wp, heads, D))
+        xp[:, :, :H, :W] = x
+        x = xp
+    src = x.reshape(B, T, g.nht, g.bh, g.ns, g.bw, heads, D).permute(2, 0, 6, 4, 1, 3, 5, 7)
+    out = _WS.get(name, src.shape, dtype, x.device)
+    if scale != 1.0:
+        torch.mul(src, scale, out=out)
+    else:
+        out.copy_(src)
+    return out.reshape(g.nht, B * heads * g.ns, T, g.bh * g.bw, D)
+
+
+def _untile_rows(xt: torch.Tensor, g: Geometry, shape, dtype) -> torch.Tensor:
+    """Inverse of ``_tile_rows`` for (nht, BH*ns, T, nq, *rest) -> (B, T, H, W, heads, *rest)."""
+    B, T, H, W, heads = shape[:5]
+    rest = tuple(shape[5:])
+    Hp, Wp = g.nht * g.bh, g.ns * g.bw
+    src = xt.reshape((g.nht, B, heads, g.ns, T, g.bh, g.bw) + rest)
+    src = src.permute((1, 4, 0, 5, 3, 6, 2) + tuple(range(7, 7 + len(rest))))
+    out = torch.empty((B, T, Hp, Wp, heads) + rest, dtype=dtype, device=xt.device)
+    out.view((B, T, g.nht, g.bh, g.ns, g.bw, heads) + rest).copy_(src)
     return out if (Hp, Wp) == (H, W) else out[:, :, :H, :W].contiguous()
 
 
@@ -342,7 +391,79 @@ def _run(fn, parts: List[list]) -> None:
 
 
 def nearby_forward(q, k, v, extent: Grid, causal: bool, scale: float):
-    """Forward: returns (out in q's dtype, lse (B, T, H, W, heads) float32/64). Unchecked."""
+    """Forward, key-frame stationary: returns (out in q's dtype, lse (B, T, H, W, heads)).
+
+    For one row tile and one key frame, the query tiles of every frame that sees
+    that key frame (2*e_t+1 of them) are stacked into one (frames*bh*bw, D)
+    matrix: each key/value halo is read once per frame instead of once per
+    query frame, and the bmm is taller (48 rows for cpu-mid, faster than 16).
+    The softmax runs online across key frames (running max, sum and
+    rescaled accumulator per query, FlashAttention style). Unchecked.
+    """
+    if FORWARD == "query_tiles":
+        return nearby_forward_query_tiles(q, k, v, extent, causal, scale)
+    B, T, H, W, heads, D = q.shape
+    q_grid, kv_grid, g = _setup(q, k, extent, causal)
+    acc = _acc_dtype(q.dtype)
+    BH, ns, nq, nk = B * heads, g.ns, g.bh * g.bw, g.lh * g.lw
+    T2 = k.shape[1]
+    qs = _tile_rows(q, g, acc, "q", scale)                 # (nht, BH*ns, T, nq, D), pre-scaled
+    ks, vs = _strips(k, g, acc, "k"), _strips(v, g, acc, "v")   # (BH, ns, T2, h2p, lw, D)
+    bias = _bias(q_grid, kv_grid, tuple(extent), causal, g.bh, g.bw, acc)
+    # Online-softmax state. A query no key frame reached keeps l = 0 and comes
+    # out 0/0 = NaN: the accumulator's poison.
+    os_ = _WS.get("o", qs.shape, acc, q.device).zero_()
+    mst = _WS.get("m", qs.shape[:-1], acc, q.device).fill_(float("-inf"))
+    lst = _WS.get("l", qs.shape[:-1], acc, q.device).zero_()
+    max_nf = max(t1 - t0 for t0, t1 in g.qframes)
+    chunks = _chunks(g, BH, max_nf)
+    size = max_nf * (chunks[0][1] - chunks[0][0]) * ns * nq * nk
+
+    def work(groups):
+        buf = torch.empty(size, dtype=acc, device=q.device)
+        for b0, b1, j in groups:
+            r0 = g.row_start[j]
+            n = (b1 - b0) * ns
+            rows = slice(b0 * ns, b1 * ns)
+            for a in range(T2):
+                t0, t1 = g.qframes[a]
+                nf = t1 - t0
+                if nf <= 0:
+                    continue
+                M = nf * nq
+                qc = qs[j, rows, t0:t1].reshape(n, M, D)
+                kc = ks[b0:b1, :, a, r0:r0 + g.lh].reshape(n, nk, D)
+                vc = vs[b0:b1, :, a, r0:r0 + g.lh].reshape(n, nk, D)
+                s = buf[:n * M * nk].view(n, M, nk)
+                torch.bmm(qc, kc.transpose(1, 2), out=s)
+                sv = s.view(b1 - b0, ns, nf, nq, nk)
+                if causal and t0 == a:           # first stacked frame is the key frame itself
+                    sv[:, :, :1].add_(bias[1, j].unsqueeze(1))
+                    if nf > 1:
+                        sv[:, :, 1:].add_(bias[0, j].unsqueeze(1))
+                else:
+                    sv.add_(bias[0, j].unsqueeze(1))
+                mc = mst[j, rows, t0:t1].reshape(n, M)
+                lc = lst[j, rows, t0:t1].reshape(n, M)
+                oc = os_[j, rows, t0:t1].reshape(n, M, D)
+                m_new = torch.maximum(mc, s.amax(-1))
+                alpha = mc.sub_(m_new).exp_()    # exp(m_old - m_new); 0 on the first frame
+                s.sub_(m_new.unsqueeze(-1)).exp_()
+                lc.mul_(alpha).add_(s.sum(-1))
+                oc.mul_(alpha.unsqueeze(-1)).baddbmm_(s, vc)
+                mc.copy_(m_new)
+
+    groups = [(b0, b1, j) for b0, b1 in chunks for j in range(g.nht)]
+    _run(work, _split(groups, _workers()))
+    os_.div_(lst.unsqueeze(-1))
+    out = _untile_rows(os_, g, q.shape, q.dtype)
+    lse = _untile_rows(lst.log_().add_(mst), g, q.shape[:5], acc)
+    return out, lse
+
+
+def nearby_forward_query_tiles(q, k, v, extent: Grid, causal: bool, scale: float):
+    """Forward, query-tile stationary (the first version, kept for comparison in
+    benchmarks/NOTES.md): returns (out in q's dtype, lse (B, T, H, W, heads) float32/64). Unchecked."""
     B, T, H, W, heads, D = q.shape
     q_grid, kv_grid, g = _setup(q, k, extent, causal)
     acc = _acc_dtype(q.dtype)

@@ -166,8 +166,8 @@ def test_small_tiles(p, gen, monkeypatch):
 
     real = nearby.pick_configs
 
-    def small(q_grid, kv_grid, extent, D, dtype):
-        cfgs = dict(real(q_grid, kv_grid, extent, D, dtype))
+    def small(*args, **kwargs):
+        cfgs = dict(real(*args, **kwargs))
         for kind, (qt, kt) in SMALL_TILES.items():
             cfgs[kind] = dataclasses.replace(cfgs[kind], q_tile=qt, k_tile=kt)
         return cfgs
@@ -189,3 +189,14 @@ def test_tile_plans_are_consistent():
                 assert cfgs[kind].block_q >= 16 and cfgs[kind].block_k >= 16
             assert cfgs["dkdv"].q_tile[0] == 1
             assert cfgs["fwd"].block_d >= max(16, p.D)
+
+
+def test_broadcast_output_gradient(gen):
+    """out.sum() hands the backward a stride-0 (expanded) dO; it is read through its strides."""
+    p = TEST_PROBLEMS[2]
+    q, k, v = p.make(torch.float32, generator=gen, requires_grad=True)
+    scale = p.D ** -0.5
+    g = torch.autograd.grad(triton_nearby_attention(q, k, v, p.resolved_extent, p.causal, scale).sum(), (q, k, v))
+    r = torch.autograd.grad(dense_nearby_attention(q, k, v, p.extent, p.causal, scale).sum(), (q, k, v))
+    for a, b in zip(g, r):
+        assert _max_err(a, b) <= 1e-5

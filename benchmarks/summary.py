@@ -1,0 +1,88 @@
+"""Markdown summary of the last benchmark run (benchmarks/results.json).
+
+``python -m benchmarks.summary`` prints it; the benchmark session prints it too.
+Ratios are peer time / our time from the same run (> 1: we are faster).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from benchmarks.conftest import RESULTS
+
+PEERS = ("dense", "flex", "unfold", "natten", "sdpa-full")
+
+
+def _f(x, fmt="{:.1f}"):
+    return "" if x is None else fmt.format(x)
+
+
+def _targets(recs, meta):
+    """SPEC.md section 4 CPU targets, each computed from this run's numbers."""
+    get = lambda w, d: recs.get(f"{w}|{d}|cpu|torch")
+    lines = []
+    fwd, fb, big = get("cpu-mid", "fwd"), get("cpu-mid", "fwdbwd"), get("cpu-mid-4x", "fwd")
+
+    def check(label, value, ok):
+        if value is None:
+            lines.append(f"- {label}: not measured")
+        else:
+            lines.append(f"- {label}: {value} {'(met)' if ok else '(NOT met)'}")
+    if fwd:
+        r = fwd.get("ratio_vs_flex")
+        check("cpu-mid fwd vs compiled Flex >= 4x", _f(r, "{:.2f}x") or None, r is not None and r >= 4)
+        r = fwd.get("ratio_vs_dense")
+        check("cpu-mid fwd vs dense SDPA >= 10x", _f(r, "{:.2f}x") or None, r is not None and r >= 10)
+        r = fwd.get("pct_of_matmul")
+        check("cpu-mid fwd FLOP rate >= 25% of fp32 matmul", _f(r, "{:.1f}%") or None,
+              r is not None and r >= 25)
+    if fb:
+        r = fb.get("ratio_vs_dense")
+        check("cpu-mid fwd+bwd vs dense SDPA autograd >= 5x", _f(r, "{:.2f}x") or None,
+              r is not None and r >= 5)
+    if fwd and big:
+        g = big["median_ms"] / fwd["median_ms"]
+        check("time(cpu-mid-4x) / time(cpu-mid) <= 4.5", f"{g:.2f}", g <= 4.5)
+        if "peak_mb" in fwd and "peak_mb" in big:
+            m = big["peak_mb"] / max(fwd["peak_mb"], 1e-9)
+            lines.append(f"- peak memory cpu-mid-4x / cpu-mid (4x tokens): {m:.2f} "
+                         f"({fwd['peak_mb']:.0f} MiB -> {big['peak_mb']:.0f} MiB)")
+    return lines
+
+
+def render(data) -> str:
+    recs, meta = data["records"], data.get("meta", {})
+    head = ("| device | workload | dir | backend | ms | useful GFLOP/s | % fp32 mm | "
+            + " | ".join(f"x vs {p}" for p in PEERS) + " | peak MiB |")
+    sep = "|" + "---|" * (head.count("|") - 1)
+    rows = [head, sep]
+    order = lambda r: (r["device"], r["workload"], r["direction"], r["backend"] not in ("torch", "triton"),
+                       r["backend"])
+    for r in sorted(recs.values(), key=order):
+        name = r["workload"] + ("" if r.get("scale", [1, 1, 1]) == [1, 1, 1]
+                                else " (/{}x{}x{})".format(*r["scale"]))
+        ours = r["backend"] in ("torch", "triton")
+        rows.append("| " + " | ".join([
+            r["device"], name, r["direction"], ("**%s**" % r["backend"]) if ours else r["backend"],
+            _f(r["median_ms"]), _f(r["gflops"]), _f(r.get("pct_of_matmul")),
+            *[_f(r.get(f"ratio_vs_{p}"), "{:.2f}") for p in PEERS],
+            _f(r.get("peak_mb"), "{:.0f}")]) + " |")
+    out = [f"torch {meta.get('torch')}, {meta.get('threads')} CPU threads, "
+           f"fp32 matmul {_f(meta.get('matmul_gflops_cpu_fp32'))} GFLOP/s, GPU: {meta.get('cuda')}",
+           "", *rows, "", "SPEC targets (CPU, this run):", *_targets(recs, meta)]
+    return "\n".join(out)
+
+
+def main(argv):
+    path = argv[0] if argv else RESULTS
+    if not os.path.exists(path):
+        print(f"no results at {path}; run: pytest benchmarks/ --benchmark-only")
+        return 1
+    with open(path) as f:
+        print(render(json.load(f)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
