@@ -57,7 +57,7 @@ def _mask_mod(p: Problem, device):
 @functools.lru_cache(maxsize=None)
 def _block_mask(p: Problem, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
-    nq, nk = p.B and (p.q_grid[0] * p.q_grid[1] * p.q_grid[2]), p.kv[0] * p.kv[1] * p.kv[2]
+    nq, nk = p.q_grid[0] * p.q_grid[1] * p.q_grid[2], p.kv[0] * p.kv[1] * p.kv[2]
     return create_block_mask(_mask_mod(p, device), None, None, nq, nk, device=device)
 
 

@@ -653,20 +653,39 @@ _T16_SM90 = {
             256: (64, 16, 4, 2)},
     "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 2),
            256: (64, 16, 4, 2)},
+    # Head dim 256: dK and dV accumulators (2 x 64x256 fp32) exceed one warpgroup's
+    # registers, so two passes of 32 key rows (mma.sync, no wgmma at M = 32).
     "dkdv": {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (64, 16, 4, 2),
              256: (32, 16, 4, 2, True)},
 }
 _T16_SM80 = {
-    "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 3),
-            256: (64, 32, 8, 2)},
+    "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 16, 4, 3),
+            256: (64, 32, 8, 1)},
     "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 3),
            256: (64, 32, 8, 2)},
-    "dkdv": {16: (64, 32, 8, 3), 32: (64, 32, 8, 3), 64: (64, 32, 8, 3), 128: (64, 16, 4, 2),
-             256: (64, 16, 8, 1)},
+    "dkdv": {16: (64, 32, 8, 3), 32: (64, 32, 8, 3), 64: (64, 32, 8, 3), 128: (32, 16, 4, 2),
+             256: (64, 16, 8, 1, True)},
+}
+# float32 runs exact FMA dots (see _dot): small tiles, no wgmma; not a speed target.
+_T32_SM90 = {
+    "fwd": {16: (32, 32, 4, 2), 32: (64, 32, 4, 2), 64: (32, 32, 4, 2), 128: (16, 16, 4, 1),
+            256: (16, 16, 4, 1)},
+    "dq": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 4, 2),
+           256: (16, 16, 4, 1)},
+    "dkdv": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (32, 16, 4, 2), 128: (32, 16, 4, 2),
+             256: (16, 16, 4, 1, True)},
+}
+_T32_SM80 = {
+    "fwd": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 16, 4, 2), 128: (32, 16, 4, 1),
+            256: (16, 16, 8, 1)},
+    "dq": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 16, 4, 2), 128: (32, 16, 4, 1),
+           256: (16, 16, 8, 1)},
+    "dkdv": {16: (32, 16, 4, 2), 32: (64, 16, 4, 2), 64: (32, 16, 4, 2), 128: (16, 16, 8, 1, True),
+             256: (16, 16, 8, 1, True)},
 }
 CONFIG_TABLE = {
-    90: {"16bit": _T16_SM90, "fp32": _T16_SM90},
-    80: {"16bit": _T16_SM80, "fp32": _T16_SM80},
+    90: {"16bit": _T16_SM90, "fp32": _T32_SM90},
+    80: {"16bit": _T16_SM80, "fp32": _T32_SM80},
 }
 
 
@@ -679,11 +698,11 @@ def device_arch(device) -> int:
 
 
 def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype, arch: int = 90):
-    """Launch configs of the four kernels; the report compiles exactly these.
+    """Launch configs of the four kernels on ``arch`` (90 or 80); the report compiles exactly these.
 
-    Rows per program: 64 queries (64 keys for dK/dV), the M of one Hopper
-    warpgroup's wgmma (4 warps); the walked tile, warps and stages come from
-    CONFIG_TABLE. Tile shapes (t, h, w) come from plan_tiles on the actual grids.
+    Rows per program, rows walked, warps and stages come from CONFIG_TABLE by
+    dtype class and padded head dim (64 x 64 at D <= 64 in 16-bit); the (t, h, w)
+    shapes of those tiles from plan_tiles on the actual grids.
     """
     q_grid, kv_grid, extent = tuple(q_grid), tuple(kv_grid), tuple(extent)
     block_d = block_d_for(D)

@@ -51,7 +51,8 @@ def evaluate(pipe, samples: int = 16, seed: int = EVAL_SEED, sampling: Dict = No
 
     cfg = pipe.config
     dcfg = data.DataConfig.from_model_config(cfg)
-    sampling = {**dict(temperature=1.0, top_k=None, top_p=None, cond_scale=1.0), **(sampling or {})}
+    from .generate import sampling_for
+    sampling = sampling or {}
     tasks = TASKS if tasks is None else tasks
     rows = []
 
@@ -61,7 +62,8 @@ def evaluate(pipe, samples: int = 16, seed: int = EVAL_SEED, sampling: Dict = No
         rows.append(dict(task=task, metric=metric, value=fmt(raw), target=tgt, ok=ok, raw=float(raw)))
 
     def gen(task, **inputs):
-        return pipe.generate(task, **inputs, num_samples=samples, seed=seed, progress=progress, **sampling)
+        return pipe.generate(task, **inputs, num_samples=samples, seed=seed, progress=progress,
+                             **sampling_for(task, **sampling))
 
     for task in tasks:
         frames = 1 if task in IMAGE_TASKS else cfg.frames
@@ -157,10 +159,10 @@ def build_parser():
     p.add_argument("--samples", type=int, default=16, help="examples per task")
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--tasks", default=None, help="comma-separated subset")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--cond-scale", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None, help="default: generate's per-task settings")
+    p.add_argument("--top-k", type=int, default=None, help="0 = off")
+    p.add_argument("--top-p", type=float, default=None, help="1 = off")
+    p.add_argument("--cond-scale", type=float, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--progress", action="store_true")
@@ -193,8 +195,11 @@ def main(argv=None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(markdown(rows))
-    print(f"\n{args.samples} samples per task, checkpoint {args.checkpoint}, temperature={args.temperature}, "
-          f"top_k={args.top_k}, top_p={args.top_p}, cond_scale={args.cond_scale}; {time.time() - t0:.0f}s")
+    from .generate import sampling_for
+    used = "; ".join(f"{t}: " + ", ".join(f"{k}={v}" for k, v in sampling_for(
+        t, args.temperature, args.top_k, args.top_p, args.cond_scale).items()) for t in (tasks or p.choices))
+    print(f"\n{args.samples} samples per task (seed {args.seed}), checkpoint {args.checkpoint}, "
+          f"{time.time() - t0:.0f}s. Sampling: {used}")
     return 0
 
 

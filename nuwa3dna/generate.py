@@ -40,6 +40,25 @@ TEXT_OPTION_TASKS = ("t2i", "ti2i", "t2v", "tv2v")
 FILE_OPTIONS = {"sketch": ("s2i", "s2v"), "image": ("i2i", "ti2i"), "video": ("v2v", "tv2v")}
 EXAMPLE_SEED = 2024
 
+# Sampling defaults per task, used for any option not given on the command
+# line (and by nuwa3dna.evaluate). Chosen with the oracle on a validation
+# stream (evaluate --seed 777), not on the reported evaluation seed.
+TASK_SAMPLING = {t: dict(temperature=1.0, top_k=None, top_p=None, cond_scale=1.0) for t in TASK_CHOICES}
+
+
+def sampling_for(task: str, temperature=None, top_k=None, top_p=None, cond_scale=None) -> dict:
+    """The task's default sampling settings with the given ones in place;
+    top_k=0 and top_p=1 switch those filters off explicitly."""
+    s = dict(TASK_SAMPLING[task])
+    for key, val in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("cond_scale", cond_scale)):
+        if val is not None:
+            s[key] = val
+    if s["top_k"] == 0:
+        s["top_k"] = None
+    if s["top_p"] is not None and s["top_p"] == 1.0:
+        s["top_p"] = None
+    return s
+
 
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is ONE line on stderr (exit 2), not usage + message."""
@@ -60,10 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="nuwa3dna_out", help="output directory (created)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--example-seed", type=int, default=EXAMPLE_SEED, help="seed of the built-in example input")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--temperature", type=float, default=None, help="default: the task's (TASK_SAMPLING)")
+    p.add_argument("--top-k", type=int, default=None, help="0 = off; default: the task's")
+    p.add_argument("--top-p", type=float, default=None, help="1 = off; default: the task's")
+    p.add_argument("--cond-scale", type=float, default=None,
+                   help="classifier-free guidance scale (1 = off); default: the task's")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--scale", type=int, default=4, help="nearest upscaling of the written files")
@@ -193,9 +213,9 @@ def run(args) -> List[str]:
     for key in pipe.required_inputs(args.task):
         if key not in inputs:
             inputs[key] = example[key]
-    outputs = pipe.generate(args.task, **inputs, num_samples=args.num_samples, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, cond_scale=args.cond_scale, seed=args.seed,
-                            progress=not args.no_progress)
+    sampling = sampling_for(args.task, args.temperature, args.top_k, args.top_p, args.cond_scale)
+    outputs = pipe.generate(args.task, **inputs, num_samples=args.num_samples, seed=args.seed,
+                            progress=not args.no_progress, **sampling)
     paths = write_outputs(args.task, outputs, inputs, config, args.out, args.scale)
     cond = f" for {inputs['text']!r}" if "text" in inputs else ""
     print(f"{args.task}{cond}: wrote {', '.join(paths)} in {time.time() - t0:.1f}s")

@@ -40,9 +40,12 @@ the worker pool is shared and unlocked).
 """
 from __future__ import annotations
 
+import itertools
 import math
+import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import List, Optional, Tuple
@@ -57,6 +60,7 @@ CHUNK_ELEMS = 320 * 1024
 
 # Forward loop order: "key_frames" (default) or "query_tiles"; see nearby_forward.
 FORWARD = "key_frames"
+BACKWARD = "key_frames"
 
 # Tile override for benchmarks/experiments: None lets ``choose_tiles`` decide.
 TILE_OVERRIDE: Optional[Tuple[int, int]] = None
@@ -80,12 +84,29 @@ class _Workspace(threading.local):
         self.bufs = {}
 
     def get(self, name: str, shape, dtype, device) -> torch.Tensor:
-        numel = math.prod(shape)
-        buf = self.bufs.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
-            buf = torch.empty(numel, dtype=dtype, device=device)
-            self.bufs[name] = buf
-        return buf[:numel].view(shape)
+        return _get(self.bufs, name, shape, dtype, device)
+
+
+def _get(bufs: dict, name: str, shape, dtype, device) -> torch.Tensor:
+    """A (shape, dtype) view of the scratch buffer ``name`` of ``bufs``, grown as needed.
+    Worker threads are handed the calling thread's ``bufs`` explicitly."""
+    numel = math.prod(shape)
+    buf = bufs.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        bufs[name] = buf
+    return buf[:numel].view(shape)
+
+
+@contextmanager
+def _one_thread():
+    """Run torch single-threaded here: parallelism comes from ``_run``'s workers."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 _WS = _Workspace()
@@ -123,6 +144,11 @@ def choose_tiles(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool) -> Tup
     (49% of computed scores are useful) over 2x8 (44%) and 8x8 (25%)."""
     if TILE_OVERRIDE is not None:
         return TILE_OVERRIDE
+    return _choose_tiles(tuple(q_grid), tuple(kv_grid), tuple(extent), bool(causal))
+
+
+@lru_cache(maxsize=256)
+def _choose_tiles(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool) -> Tuple[int, int]:
     _, H, W = q_grid
     _, H2, W2 = kv_grid
     best = None
@@ -271,36 +297,42 @@ def _untile_q(xt: torch.Tensor, g: Geometry, shape, dtype, scale: float = 1.0) -
 
 
 def _tile_rows(x: torch.Tensor, g: Geometry, dtype, name: str, scale: float = 1.0) -> torch.Tensor:
-    """(B, T, H, W, heads, D) -> (nht, B*heads*ns, T, bh*bw, D), zero padded: for one
-    row tile and batch*head*strip, consecutive frames are consecutive rows."""
-    B, T, H, W, heads, D = x.shape
+    """(B, T, H, W, heads, *rest) -> (nht, B*heads*ns, T, bh*bw, *rest), zero padded: for
+    one row tile and batch*head*strip, consecutive frames are consecutive rows."""
+    B, T, H, W, heads = x.shape[:5]
+    rest = tuple(x.shape[5:])
     Hp, Wp = g.nht * g.bh, g.ns * g.bw
     if (Hp, Wp) != (H, W):
-        xp = x.new_zeros((B, T, Hp, Wp, heads, D))
+        xp = x.new_zeros((B, T, Hp, Wp, heads) + rest)
         xp[:, :, :H, :W] = x
         x = xp
-    src = x.reshape(B, T, g.nht, g.bh, g.ns, g.bw, heads, D).permute(2, 0, 6, 4, 1, 3, 5, 7)
+    src = x.reshape((B, T, g.nht, g.bh, g.ns, g.bw, heads) + rest)
+    src = src.permute((2, 0, 6, 4, 1, 3, 5) + tuple(range(7, 7 + len(rest))))
     out = _WS.get(name, src.shape, dtype, x.device)
     if scale != 1.0:
         torch.mul(src, scale, out=out)
     else:
         out.copy_(src)
-    return out.reshape(g.nht, B * heads * g.ns, T, g.bh * g.bw, D)
+    return out.reshape((g.nht, B * heads * g.ns, T, g.bh * g.bw) + rest)
 
 
-def _untile_rows(xt: torch.Tensor, g: Geometry, shape, dtype) -> torch.Tensor:
-    """Inverse of ``_tile_rows`` for (nht, BH*ns, T, nq, *rest) -> (B, T, H, W, heads, *rest)."""
+def _untile_rows(xt: torch.Tensor, g: Geometry, shape, dtype, scale: float = 1.0) -> torch.Tensor:
+    """Inverse of ``_tile_rows``: (nht, BH*ns, T, nq, *rest) -> (B, T, H, W, heads, *rest)."""
     B, T, H, W, heads = shape[:5]
     rest = tuple(shape[5:])
     Hp, Wp = g.nht * g.bh, g.ns * g.bw
     src = xt.reshape((g.nht, B, heads, g.ns, T, g.bh, g.bw) + rest)
     src = src.permute((1, 4, 0, 5, 3, 6, 2) + tuple(range(7, 7 + len(rest))))
     out = torch.empty((B, T, Hp, Wp, heads) + rest, dtype=dtype, device=xt.device)
-    out.view((B, T, g.nht, g.bh, g.ns, g.bw, heads) + rest).copy_(src)
+    dst = out.view((B, T, g.nht, g.bh, g.ns, g.bw, heads) + rest)
+    if scale != 1.0:
+        torch.mul(src, scale, out=dst)
+    else:
+        dst.copy_(src)
     return out if (Hp, Wp) == (H, W) else out[:, :, :H, :W].contiguous()
 
 
-def _strips(x: torch.Tensor, g: Geometry, dtype, name: str) -> torch.Tensor:
+def _strips(x: torch.Tensor, g: Geometry, dtype, name: str, bufs: Optional[dict] = None) -> torch.Tensor:
     """(B, T2, H2, W2, heads, D) -> strip layout (B*heads, ns, T2, h2p, lw, D), zeros outside the grid.
 
     Two copies: one to a zero-bordered (B, heads, T2, h2p, Wpad, D) grid, then
@@ -311,13 +343,14 @@ def _strips(x: torch.Tensor, g: Geometry, dtype, name: str) -> torch.Tensor:
     left = max(0, -min(g.col_start))
     wpad = max(left + W2, max(g.col_start) + left + g.lw)
     top, bot = g.pad_top, g.pad_top + H2
-    grid = _WS.get("grid", (B, heads, T2, g.h2p, wpad, D), dtype, x.device)
+    bufs = _WS.bufs if bufs is None else bufs
+    grid = _get(bufs, "grid_" + name, (B, heads, T2, g.h2p, wpad, D), dtype, x.device)
     grid[:, :, :, :top].zero_()
     grid[:, :, :, bot:].zero_()
     grid[:, :, :, top:bot, :left].zero_()
     grid[:, :, :, top:bot, left + W2:].zero_()
     grid[:, :, :, top:bot, left:left + W2].copy_(x.permute(0, 4, 1, 2, 3, 5))
-    out = _WS.get(name, (B, heads, g.ns, T2, g.h2p, g.lw, D), dtype, x.device)
+    out = _get(bufs, name, (B, heads, g.ns, T2, g.h2p, g.lw, D), dtype, x.device)
     for s, c0 in enumerate(g.col_start):
         out[:, :, s].copy_(grid[:, :, :, :, left + c0:left + c0 + g.lw])
     return out.reshape(B * heads, g.ns, T2, g.h2p, g.lw, D)
@@ -329,13 +362,24 @@ def _unstrip(xs: torch.Tensor, g: Geometry, shape, dtype) -> torch.Tensor:
     xs = xs.reshape(B, heads, g.ns, T2, g.h2p, g.lw, D)
     left = max(0, -min(g.col_start))
     wpad = max(left + W2, max(g.col_start) + left + g.lw)
-    grid = _WS.get("grid", (B, heads, T2, g.h2p, wpad, D), xs.dtype, xs.device).zero_()
+    grid = _WS.get("grid_k", (B, heads, T2, g.h2p, wpad, D), xs.dtype, xs.device).zero_()
     for s, c0 in enumerate(g.col_start):
         grid[:, :, :, :, left + c0:left + c0 + g.lw] += xs[:, :, s]
     out = torch.empty(shape, dtype=dtype, device=xs.device)
     top = g.pad_top
     out.copy_(grid[:, :, :, top:top + H2, left:left + W2].permute(0, 2, 3, 4, 1, 5))
     return out
+
+
+def _strips_kv(k: torch.Tensor, v: torch.Tensor, g: Geometry, dtype):
+    """Strip layouts of k and v, built by two workers in parallel."""
+    bufs, res = _WS.bufs, {}
+
+    def fn(items):
+        for name, x in items:
+            res[name] = _strips(x, g, dtype, name, bufs)
+    _run(fn, [[("k", k)], [("v", v)]])
+    return res["k"], res["v"]
 
 
 def _chunks(g: Geometry, BH: int, nf: int, min_parts: int = 1):
@@ -358,6 +402,7 @@ def _split(xs: list, n: int) -> List[list]:
 # So each worker runs its share of tiles single-threaded (torch releases the
 # GIL inside ops) and the workers meet only once, at the end of the call.
 _POOL: Optional[ThreadPoolExecutor] = None
+PARTS_PER_WORKER = 4
 
 
 def _workers() -> int:
@@ -370,20 +415,35 @@ def _single_threaded(fn, arg):
 
 
 def _run(fn, parts: List[list]) -> None:
-    """Run ``fn(part)`` for every part, one part per thread, ops single-threaded."""
+    """Run ``fn(groups)`` on a few threads, ops single-threaded; the threads pull
+    ``parts`` (lists of work items) from a shared queue until it is empty, so a
+    thread the OS deschedules does not hold the others up: with static halves,
+    one descheduled worker made the whole call wait for it."""
     parts = [p for p in parts if p]
-    if len(parts) <= 1:
-        for p in parts:
-            fn(p)
+    nw = min(_workers(), len(parts))
+    if nw <= 1:
+        fn(itertools.chain.from_iterable(parts))
         return
     global _POOL
-    if _POOL is None or _POOL._max_workers < len(parts) - 1:
-        _POOL = ThreadPoolExecutor(max_workers=len(parts) - 1, thread_name_prefix="nuwa3dna")
+    if _POOL is None or _POOL._max_workers < nw - 1:
+        _POOL = ThreadPoolExecutor(max_workers=nw - 1, thread_name_prefix="nuwa3dna")
+    todo = queue.SimpleQueue()
+    for p in parts:
+        todo.put(p)
+
+    def pull():
+        while True:
+            try:
+                p = todo.get_nowait()
+            except queue.Empty:
+                return
+            yield from p
+
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        futures = [_POOL.submit(_single_threaded, fn, p) for p in parts[1:]]
-        fn(parts[0])
+        futures = [_POOL.submit(_single_threaded, fn, pull()) for _ in range(nw - 1)]
+        fn(pull())
         for f in futures:
             f.result()
     finally:
@@ -391,6 +451,17 @@ def _run(fn, parts: List[list]) -> None:
 
 
 def nearby_forward(q, k, v, extent: Grid, causal: bool, scale: float):
+    with _one_thread():
+        return _nearby_forward(q, k, v, extent, causal, scale)
+
+
+def nearby_backward(dout, q, k, v, out, lse, extent: Grid, causal: bool, scale: float):
+    """Backward by recomputation; returns (dq, dk, dv) in the inputs' dtype. Unchecked."""
+    with _one_thread():
+        return _nearby_backward(dout, q, k, v, out, lse, extent, causal, scale)
+
+
+def _nearby_forward(q, k, v, extent: Grid, causal: bool, scale: float):
     """Forward, key-frame stationary: returns (out in q's dtype, lse (B, T, H, W, heads)).
 
     For one row tile and one key frame, the query tiles of every frame that sees
@@ -408,7 +479,7 @@ def nearby_forward(q, k, v, extent: Grid, causal: bool, scale: float):
     BH, ns, nq, nk = B * heads, g.ns, g.bh * g.bw, g.lh * g.lw
     T2 = k.shape[1]
     qs = _tile_rows(q, g, acc, "q", scale)                 # (nht, BH*ns, T, nq, D), pre-scaled
-    ks, vs = _strips(k, g, acc, "k"), _strips(v, g, acc, "v")   # (BH, ns, T2, h2p, lw, D)
+    ks, vs = _strips_kv(k, v, g, acc)                      # (BH, ns, T2, h2p, lw, D)
     bias = _bias(q_grid, kv_grid, tuple(extent), causal, g.bh, g.bw, acc)
     # Online-softmax state. A query no key frame reached keeps l = 0 and comes
     # out 0/0 = NaN: the accumulator's poison.
@@ -454,7 +525,7 @@ def nearby_forward(q, k, v, extent: Grid, causal: bool, scale: float):
                 mc.copy_(m_new)
 
     groups = [(b0, b1, j) for b0, b1 in chunks for j in range(g.nht)]
-    _run(work, _split(groups, _workers()))
+    _run(work, _split(groups, PARTS_PER_WORKER * _workers()))
     os_.div_(lst.unsqueeze(-1))
     out = _untile_rows(os_, g, q.shape, q.dtype)
     lse = _untile_rows(lst.log_().add_(mst), g, q.shape[:5], acc)
@@ -521,8 +592,89 @@ def nearby_forward_query_tiles(q, k, v, extent: Grid, causal: bool, scale: float
     return out, lse_nat
 
 
-def nearby_backward(dout, q, k, v, out, lse, extent: Grid, causal: bool, scale: float):
-    """Backward by recomputation; returns (dq, dk, dv) in the inputs' dtype. Unchecked."""
+def _nearby_backward(dout, q, k, v, out, lse, extent: Grid, causal: bool, scale: float):
+    """Backward by recomputation, key-frame stationary like the forward: for one
+    row tile and key frame, the stacked query frames' probabilities are
+    recomputed from the saved log-sum-exp in one bmm; dk/dv of that key halo
+    come out of one bmm each (inner dim frames*bh*bw). Products are formed in
+    contiguous scratch and added into the strided accumulators (MKL's in-place
+    path on strided batches was ~3x slower per op). Returns (dq, dk, dv) in
+    the inputs' dtype. Unchecked."""
+    if BACKWARD == "query_tiles":
+        return nearby_backward_query_tiles(dout, q, k, v, out, lse, extent, causal, scale)
+    B, T, H, W, heads, D = q.shape
+    q_grid, kv_grid, g = _setup(q, k, extent, causal)
+    acc = _acc_dtype(q.dtype)
+    BH, ns, nq, nk = B * heads, g.ns, g.bh * g.bw, g.lh * g.lw
+    T2 = k.shape[1]
+    qs = _tile_rows(q, g, acc, "q", scale)                 # (nht, BH*ns, T, nq, D)
+    dos = _tile_rows(dout, g, acc, "do")
+    ks, vs = _strips_kv(k, v, g, acc)
+    # delta = rowsum(dO * O): the softmax-Jacobian term of every query.
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    deltas = _tile_rows(delta, g, acc, "delta")             # (nht, BH*ns, T, nq)
+    lses = _tile_rows(lse, g, acc, "lse")
+    bias = _bias(q_grid, kv_grid, tuple(extent), causal, g.bh, g.bw, acc)
+    dqs = _WS.get("dq", qs.shape, acc, q.device).zero_()
+    dks = _WS.get("dk", ks.shape, acc, q.device).zero_()
+    dvs = _WS.get("dv", vs.shape, acc, q.device).zero_()
+    max_nf = max(t1 - t0 for t0, t1 in g.qframes)
+    chunks = _chunks(g, BH, max_nf, min_parts=PARTS_PER_WORKER * _workers())
+    n_max = (chunks[0][1] - chunks[0][0]) * ns
+    size = n_max * max_nf * nq * nk
+
+    def work(groups):
+        pbuf, dpbuf = (torch.empty(size, dtype=acc, device=q.device) for _ in range(2))
+        tq = torch.empty(n_max * max_nf * nq * D, dtype=acc, device=q.device)
+        tk = torch.empty(n_max * nk * D, dtype=acc, device=q.device)
+        for b0, b1, j in groups:
+            r0 = g.row_start[j]
+            n = (b1 - b0) * ns
+            rows = slice(b0 * ns, b1 * ns)
+            for a in range(T2):
+                t0, t1 = g.qframes[a]
+                nf = t1 - t0
+                if nf <= 0:
+                    continue
+                M = nf * nq
+                qc = qs[j, rows, t0:t1].reshape(n, M, D)
+                doc = dos[j, rows, t0:t1].reshape(n, M, D)
+                kc = ks[b0:b1, :, a, r0:r0 + g.lh].reshape(n, nk, D)
+                vc = vs[b0:b1, :, a, r0:r0 + g.lh].reshape(n, nk, D)
+                p = pbuf[:n * M * nk].view(n, M, nk)
+                dp = dpbuf[:n * M * nk].view(n, M, nk)
+                torch.bmm(qc, kc.transpose(1, 2), out=p)
+                torch.bmm(doc, vc.transpose(1, 2), out=dp)
+                pv = p.view(b1 - b0, ns, nf, nq, nk)
+                if causal and t0 == a:
+                    pv[:, :, :1].add_(bias[1, j].unsqueeze(1))
+                    if nf > 1:
+                        pv[:, :, 1:].add_(bias[0, j].unsqueeze(1))
+                else:
+                    pv.add_(bias[0, j].unsqueeze(1))
+                p.sub_(lses[j, rows, t0:t1].reshape(n, M, 1)).exp_()
+                dp.sub_(deltas[j, rows, t0:t1].reshape(n, M, 1)).mul_(p)     # dS
+                tmp_q = tq[:n * M * D].view(n, M, D)
+                tmp_k = tk[:n * nk * D].view(n, nk, D)
+                dqs[j, rows, t0:t1].view(n, M, D).add_(torch.bmm(dp, kc, out=tmp_q))
+                dks[b0:b1, :, a, r0:r0 + g.lh].view(n, nk, D).add_(
+                    torch.bmm(dp.transpose(1, 2), qc, out=tmp_k))
+                dvs[b0:b1, :, a, r0:r0 + g.lh].view(n, nk, D).add_(
+                    torch.bmm(p.transpose(1, 2), doc, out=tmp_k))
+
+    # Key halos of neighbouring row tiles overlap, so the dk/dv accumulations of
+    # two workers must never meet: workers own disjoint batch*head ranges.
+    parts = [[(b0, b1, j) for b0, b1 in part for j in range(g.nht)]
+             for part in _split(chunks, PARTS_PER_WORKER * _workers())]
+    _run(work, parts)
+    dq = _untile_rows(dqs, g, q.shape, q.dtype, scale)
+    dk = _unstrip(dks, g, k.shape, k.dtype)
+    dv = _unstrip(dvs, g, v.shape, v.dtype)
+    return dq, dk, dv
+
+
+def nearby_backward_query_tiles(dout, q, k, v, out, lse, extent: Grid, causal: bool, scale: float):
+    """Backward, query-tile stationary (the first version, kept for comparison). Unchecked."""
     B, T, H, W, heads, D = q.shape
     q_grid, kv_grid, g = _setup(q, k, extent, causal)
     acc = _acc_dtype(q.dtype)

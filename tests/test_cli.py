@@ -197,3 +197,12 @@ def test_package_entry_point_dispatches(tiny_ckpt, tmp_path, capsys):
     assert main(["generate", "--task", "i2i", "--checkpoint", tiny_ckpt, "--out", str(tmp_path),
                  "--no-progress"]) == 0
     assert (tmp_path / "i2i.png").is_file()
+
+
+def test_sampling_defaults_per_task_and_overrides():
+    for task in TASKS:
+        s = generate.sampling_for(task)
+        assert set(s) == {"temperature", "top_k", "top_p", "cond_scale"}
+    s = generate.sampling_for("t2v", temperature=0.5, top_k=0, top_p=1.0, cond_scale=2.0)
+    assert s == dict(temperature=0.5, top_k=None, top_p=None, cond_scale=2.0)
+    assert generate.sampling_for("v2v", top_k=7)["top_k"] == 7

@@ -146,9 +146,10 @@ def test_workspace_reuse_does_not_leak_between_calls(gen):
 
 @pytest.mark.parametrize("p", [TEST_PROBLEMS[1], TEST_PROBLEMS[6], TEST_PROBLEMS[9]],
                          ids=[IDS[1], IDS[6], IDS[9]])
-def test_query_tile_forward_variant(p, gen, monkeypatch):
-    """The first (query-tile stationary) forward, kept for comparison, stays correct."""
+def test_query_tile_variants(p, gen, monkeypatch):
+    """The first (query-tile stationary) forward and backward, kept for comparison, stay correct."""
     monkeypatch.setattr(tp, "FORWARD", "query_tiles")
+    monkeypatch.setattr(tp, "BACKWARD", "query_tiles")
     (q, k, v), dout = _inputs(p, torch.float64, gen)
     ours = _run(_ours(p), p, q, k, v, dout)
     ref = _run(_dense(p), p, q, k, v, dout)
