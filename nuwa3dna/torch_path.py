@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -54,8 +55,9 @@ import torch
 
 from .geometry import Grid, centre_int, query_range
 
-# Score-chunk target in elements: 2 cores x ~1 MiB L2 each hold about 512K
-# floats; measured on cpu-mid, 192K-512K are within noise, 2M is ~15% slower.
+# Score-chunk target in elements (batch*heads are split to stay near it). On
+# cpu-mid, 20K-320K measured within noise of each other (benchmarks/NOTES.md);
+# larger chunks mean fewer ops, so fewer Python round trips.
 CHUNK_ELEMS = 320 * 1024
 
 # Forward loop order: "key_frames" (default) or "query_tiles"; see nearby_forward.
@@ -100,13 +102,17 @@ def _get(bufs: dict, name: str, shape, dtype, device) -> torch.Tensor:
 
 @contextmanager
 def _one_thread():
-    """Run torch single-threaded here: parallelism comes from ``_run``'s workers."""
+    """Run torch single-threaded here: parallelism comes from ``_run``'s workers,
+    as many as torch had threads on entry."""
     prev = torch.get_num_threads()
+    outer = getattr(_CALL, "workers", None)
+    _CALL.workers = (_idle_cores(prev) if DYNAMIC_WORKERS else prev) if outer is None else outer
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(prev)
+        _CALL.workers = outer
 
 
 _WS = _Workspace()
@@ -141,7 +147,8 @@ def choose_tiles(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool) -> Tup
     """Pick (bh, bw) minimising modelled time per query: the key halo each query
     pays for (matmul work and softmax work), divided by the bmm rate at that tile
     height, plus a per-chunk Python overhead. For cpu-mid (e=3,3) it picks 4x4
-    (49% of computed scores are useful) over 2x8 (44%) and 8x8 (25%)."""
+    (49% of computed scores are useful), which measured fastest of 4x4, 2x8,
+    4x8, 2x4, 3x3, 3x4, 4x6, 5x5, 2x2 (171 ms vs 191-242 ms, 1 thread)."""
     if TILE_OVERRIDE is not None:
         return TILE_OVERRIDE
     return _choose_tiles(tuple(q_grid), tuple(kv_grid), tuple(extent), bool(causal))
@@ -405,13 +412,35 @@ _POOL: Optional[ThreadPoolExecutor] = None
 PARTS_PER_WORKER = 4
 
 
+_CALL = threading.local()     # per calling thread: worker count fixed on entry
+
+
+# Like OpenMP's dynamic adjustment (OMP_DYNAMIC, which libgomp bases on the
+# load average too): workers beyond the idle cores only add thread hand-offs.
+# Measured on the shared 2-core box at load 3-6: cpu-mid forward 226 ms wall
+# with 1 worker, 323 ms with 2; nuwa-image 6 ms vs 15 ms.
+DYNAMIC_WORKERS = True
+
+
+def _idle_cores(threads: int) -> int:
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return threads
+    # The calling thread itself counts about 1 in the load average.
+    return max(1, min(threads, round(threads - (load - 1.0))))
+
+
 def _workers() -> int:
-    return max(1, torch.get_num_threads())
+    # Read on entry, before ``_one_thread`` sets torch's count to 1 for the ops.
+    n = getattr(_CALL, "workers", None)
+    return max(1, torch.get_num_threads() if n is None else n)
 
 
 def _single_threaded(fn, arg):
     torch.set_num_threads(1)      # per-thread OpenMP/MKL setting in this worker
-    fn(arg)
+    with torch.no_grad():         # grad mode is per thread; the caller's is off
+        fn(arg)
 
 
 def _run(fn, parts: List[list]) -> None:
@@ -422,7 +451,8 @@ def _run(fn, parts: List[list]) -> None:
     parts = [p for p in parts if p]
     nw = min(_workers(), len(parts))
     if nw <= 1:
-        fn(itertools.chain.from_iterable(parts))
+        with torch.no_grad():
+            fn(itertools.chain.from_iterable(parts))
         return
     global _POOL
     if _POOL is None or _POOL._max_workers < nw - 1:
@@ -443,7 +473,8 @@ def _run(fn, parts: List[list]) -> None:
     torch.set_num_threads(1)
     try:
         futures = [_POOL.submit(_single_threaded, fn, pull()) for _ in range(nw - 1)]
-        fn(pull())
+        with torch.no_grad():
+            fn(pull())
         for f in futures:
             f.result()
     finally:
@@ -451,13 +482,13 @@ def _run(fn, parts: List[list]) -> None:
 
 
 def nearby_forward(q, k, v, extent: Grid, causal: bool, scale: float):
-    with _one_thread():
+    with _one_thread(), torch.no_grad():
         return _nearby_forward(q, k, v, extent, causal, scale)
 
 
 def nearby_backward(dout, q, k, v, out, lse, extent: Grid, causal: bool, scale: float):
     """Backward by recomputation; returns (dq, dk, dv) in the inputs' dtype. Unchecked."""
-    with _one_thread():
+    with _one_thread(), torch.no_grad():
         return _nearby_backward(dout, q, k, v, out, lse, extent, causal, scale)
 
 

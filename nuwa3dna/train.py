@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--tokenizers", default=None, help="nuwa stage: dir with the tokenizer files (default --out)")
     p.add_argument("--export", default=None, help="nuwa stage: also save the pipeline here when it improved")
+    p.add_argument("--init", default=None,
+                   help="nuwa stage: start from this pipeline checkpoint (NuwaPipeline.save dir) instead of "
+                        "fresh weights + --tokenizers (fine-tuning); its config is used")
     p.add_argument("--tasks", default=None, help="nuwa stage: comma-separated subset of the tasks")
     p.add_argument("--task-weights", default=None, help="nuwa stage: comma-separated weights, one per task")
     p.add_argument("--max-objects", type=int, default=1, help="shapes per sample (data)")
@@ -247,11 +250,15 @@ def build_stage(args, config, dist: Dist):
     from .model.pipeline import NuwaPipeline
     from .model.tasks import TASKS
     from .model.vq import SketchTokenizer, VQTokenizer
-    tok_dir = args.tokenizers or args.out
-    tok, sk = VQTokenizer.from_config(config), SketchTokenizer.from_config(config)
-    load_module(tok, os.path.join(tok_dir, TOKENIZER_FILE))
-    load_module(sk, os.path.join(tok_dir, SKETCH_TOKENIZER_FILE))
-    pipe = NuwaPipeline(config=config, tokenizer=tok, sketch_tokenizer=sk).to(dist.device)
+    if args.init is not None:
+        pipe = NuwaPipeline.load(args.init, map_location=str(dist.device))
+        pipe.config.cond_drop = config.cond_drop
+    else:
+        tok_dir = args.tokenizers or args.out
+        tok, sk = VQTokenizer.from_config(config), SketchTokenizer.from_config(config)
+        load_module(tok, os.path.join(tok_dir, TOKENIZER_FILE))
+        load_module(sk, os.path.join(tok_dir, SKETCH_TOKENIZER_FILE))
+        pipe = NuwaPipeline(config=config, tokenizer=tok, sketch_tokenizer=sk).to(dist.device)
     pipe.tokenizer.requires_grad_(False).eval()
     pipe.sketch_tokenizer.requires_grad_(False).eval()
     tasks, weights = _task_schedule(args, TASKS)

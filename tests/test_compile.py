@@ -54,3 +54,14 @@ def test_compile_fullgraph_function_and_module(gen):
     yc.sum().backward()
     for p, g in zip(attn.parameters(), grads_e):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck_triton_op_under_interpreter(gen):
+    """The Triton custom op (interpreter on CPU): schema, fake, autograd registration."""
+    import pytest
+    from nuwa3dna.checks import interpreter_enabled
+    if not (torch.cuda.is_available() or interpreter_enabled()):
+        pytest.skip("Triton needs CUDA or the interpreter")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (x.to(device).requires_grad_(True) for x in P.make(torch.float32, generator=gen))
+    opcheck(torch.ops.nuwa3dna.triton_fwd.default, (q, k, v, [1, 1, 1], True, 0.3))

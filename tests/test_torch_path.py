@@ -86,16 +86,29 @@ def test_tile_shapes(p, tiles, gen, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
-def test_small_chunks_and_one_worker(gen, monkeypatch):
-    """Several batch*head chunks, and one worker vs two: identical results."""
+def test_small_chunks_and_worker_counts(gen, monkeypatch):
+    """Three workers with tiny chunks vs one worker: identical results."""
     p = TEST_PROBLEMS[1]
     (q, k, v), dout = _inputs(p, torch.float32, gen)
-    two = _run(_ours(p), p, q, k, v, dout)
-    monkeypatch.setattr(tp, "CHUNK_ELEMS", 1)
-    monkeypatch.setattr(tp, "_workers", lambda: 1)
-    one = _run(_ours(p), p, q, k, v, dout)
-    for a, b in zip(one, two):
+    monkeypatch.setattr(tp, "DYNAMIC_WORKERS", False)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(_ours(p), p, q, k, v, dout)
+        torch.set_num_threads(3)
+        monkeypatch.setattr(tp, "CHUNK_ELEMS", 1)
+        many = _run(_ours(p), p, q, k, v, dout)
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in zip(one, many):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_dynamic_workers_follow_idle_cores(monkeypatch):
+    monkeypatch.setattr(tp.os, "getloadavg", lambda: (1.0, 1.0, 1.0))   # only us running
+    assert tp._idle_cores(2) == 2
+    monkeypatch.setattr(tp.os, "getloadavg", lambda: (4.5, 4.0, 4.0))   # cores busy
+    assert tp._idle_cores(2) == 1
 
 
 def test_non_contiguous_inputs(gen):
