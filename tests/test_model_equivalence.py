@@ -14,14 +14,7 @@ from nuwa3dna.model.nuwa import Nuwa
 from nuwa3dna.model.tasks import TASKS, random_formation
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: on 2 shared cores extra intra-op threads only add barrier waits
-    (measured 0.11 s vs 0.02 s per tiny training step with 2 vs 1 threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def loss_and_grads(model, f, target):

@@ -11,14 +11,7 @@ from nuwa3dna.model.tasks import form, null_condition, random_formation
 from nuwa3dna.reference import nearby_mask
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: on 2 shared cores extra intra-op threads only add barrier waits
-    (measured 0.11 s vs 0.02 s per tiny training step with 2 vs 1 threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
