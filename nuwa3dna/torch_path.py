@@ -268,22 +268,32 @@ def _setup(q, k, extent, causal):
     return q_grid, kv_grid, g
 
 
-def _tile_q(x: torch.Tensor, g: Geometry, dtype, name: str, scale: float = 1.0) -> torch.Tensor:
-    """(B, T, H, W, heads, *rest) -> tile layout (T, nht, B*heads*ns, bh*bw, *rest), zero padded."""
+def _split_tiles(x: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """(B, T, H, W, heads, *rest) -> zero-padded view (B, T, nht, bh, ns, bw, heads, *rest)."""
     B, T, H, W, heads = x.shape[:5]
-    rest = x.shape[5:]
+    rest = tuple(x.shape[5:])
     Hp, Wp = g.nht * g.bh, g.ns * g.bw
     if (Hp, Wp) != (H, W):
         xp = x.new_zeros((B, T, Hp, Wp, heads) + rest)
         xp[:, :, :H, :W] = x
         x = xp
-    src = x.reshape((B, T, g.nht, g.bh, g.ns, g.bw, heads) + rest)
-    src = src.permute((1, 2, 0, 6, 4, 3, 5) + tuple(range(7, 7 + len(rest))))
-    out = _WS.get(name, src.shape, dtype, x.device)
+    return x.reshape((B, T, g.nht, g.bh, g.ns, g.bw, heads) + rest)
+
+
+def _copy_scaled(src: torch.Tensor, out: torch.Tensor, scale: float) -> None:
     if scale != 1.0:
         torch.mul(src, scale, out=out)
     else:
         out.copy_(src)
+
+
+def _tile_q(x: torch.Tensor, g: Geometry, dtype, name: str, scale: float = 1.0) -> torch.Tensor:
+    """(B, T, H, W, heads, *rest) -> tile layout (T, nht, B*heads*ns, bh*bw, *rest), zero padded."""
+    B, T, _, _, heads = x.shape[:5]
+    rest = tuple(x.shape[5:])
+    src = _split_tiles(x, g).permute((1, 2, 0, 6, 4, 3, 5) + tuple(range(7, 7 + len(rest))))
+    out = _WS.get(name, src.shape, dtype, x.device)
+    _copy_scaled(src, out, scale)
     return out.reshape((T, g.nht, B * heads * g.ns, g.bh * g.bw) + rest)
 
 
@@ -296,30 +306,18 @@ def _untile_q(xt: torch.Tensor, g: Geometry, shape, dtype, scale: float = 1.0) -
     src = src.permute((2, 0, 1, 5, 4, 6, 3) + tuple(range(7, 7 + len(rest))))
     out = torch.empty((B, T, Hp, Wp, heads) + rest, dtype=dtype, device=xt.device)
     dst = out.view((B, T, g.nht, g.bh, g.ns, g.bw, heads) + rest)
-    if scale != 1.0:
-        torch.mul(src, scale, out=dst)
-    else:
-        dst.copy_(src)
+    _copy_scaled(src, dst, scale)
     return out if (Hp, Wp) == (H, W) else out[:, :, :H, :W].contiguous()
 
 
 def _tile_rows(x: torch.Tensor, g: Geometry, dtype, name: str, scale: float = 1.0) -> torch.Tensor:
     """(B, T, H, W, heads, *rest) -> (nht, B*heads*ns, T, bh*bw, *rest), zero padded: for
     one row tile and batch*head*strip, consecutive frames are consecutive rows."""
-    B, T, H, W, heads = x.shape[:5]
+    B, T, _, _, heads = x.shape[:5]
     rest = tuple(x.shape[5:])
-    Hp, Wp = g.nht * g.bh, g.ns * g.bw
-    if (Hp, Wp) != (H, W):
-        xp = x.new_zeros((B, T, Hp, Wp, heads) + rest)
-        xp[:, :, :H, :W] = x
-        x = xp
-    src = x.reshape((B, T, g.nht, g.bh, g.ns, g.bw, heads) + rest)
-    src = src.permute((2, 0, 6, 4, 1, 3, 5) + tuple(range(7, 7 + len(rest))))
+    src = _split_tiles(x, g).permute((2, 0, 6, 4, 1, 3, 5) + tuple(range(7, 7 + len(rest))))
     out = _WS.get(name, src.shape, dtype, x.device)
-    if scale != 1.0:
-        torch.mul(src, scale, out=out)
-    else:
-        out.copy_(src)
+    _copy_scaled(src, out, scale)
     return out.reshape((g.nht, B * heads * g.ns, T, g.bh * g.bw) + rest)
 
 
@@ -332,10 +330,7 @@ def _untile_rows(xt: torch.Tensor, g: Geometry, shape, dtype, scale: float = 1.0
     src = src.permute((1, 4, 0, 5, 3, 6, 2) + tuple(range(7, 7 + len(rest))))
     out = torch.empty((B, T, Hp, Wp, heads) + rest, dtype=dtype, device=xt.device)
     dst = out.view((B, T, g.nht, g.bh, g.ns, g.bw, heads) + rest)
-    if scale != 1.0:
-        torch.mul(src, scale, out=dst)
-    else:
-        dst.copy_(src)
+    _copy_scaled(src, dst, scale)
     return out if (Hp, Wp) == (H, W) else out[:, :, :H, :W].contiguous()
 
 
