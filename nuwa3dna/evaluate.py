@@ -2,9 +2,11 @@
 
     python -m nuwa3dna.evaluate [--checkpoint DIR] [--samples 16]
 
-Inputs come from a held-out stream of the procedural data (seed 10007; training
-uses seeds below 1000 * 9 + 902) and are generated as one batch per task. The
-figures (markdown table, one row per metric):
+Inputs come from a separate stream of the procedural data (seed 10007; the
+training streams use seeds 0-2, the sampling settings were chosen on seed 777)
+and are generated as one batch per task, sampled with generate's per-task
+defaults (``TASK_SAMPLING``) unless --temperature/--top-k/--top-p/--cond-scale
+are given. The figures (markdown table, one row per metric):
 
 * t2i / t2v caption accuracy: the oracle's colour, shape (and for videos
   direction) of the output equal the caption's.

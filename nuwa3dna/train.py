@@ -4,6 +4,7 @@
     python -m nuwa3dna.train sketch-tokenizer --out RUN --steps 400
     python -m nuwa3dna.train nuwa             --out RUN --steps 3000 --export model/checkpoints/default
 
+(model/checkpoints/TRAINING.md has the exact recipe of the shipped checkpoint.)
 ``--config path.json`` is a NuwaConfig JSON (default: NuwaConfig()). The
 tokenizer stages write ``RUN/tokenizer.safetensors`` and
 ``RUN/sketch_tokenizer.safetensors``; the nuwa stage reads them from

@@ -93,3 +93,20 @@ def test_resume_continues_the_same_run(tiny_run, tmp_path, optimizer):
     b = load_file(str(tmp_path / "part" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+
+
+def test_init_fine_tunes_a_saved_pipeline(tiny_run, tmp_path):
+    """--init starts from a NuwaPipeline checkpoint: the decoder moves, the frozen tokenizers do not."""
+    from safetensors.torch import load_file
+    from nuwa3dna.model.pipeline import NuwaPipeline
+    from nuwa3dna.train import build_parser, train
+    torch.manual_seed(3)
+    NuwaPipeline(config=NuwaConfig(**TINY)).save(str(tmp_path / "start"))
+    argv = _args(tiny_run, tmp_path / "ft", 2) + ["--init", str(tmp_path / "start"), "--steps", "2"]
+    assert train(build_parser().parse_args(argv))["steps"] == 2
+    a = load_file(str(tmp_path / "start" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    for k in a:
+        if k.startswith(("tokenizer.", "sketch_tokenizer.")):
+            assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("nuwa."))
