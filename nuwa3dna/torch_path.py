@@ -414,7 +414,11 @@ _CALL = threading.local()     # per calling thread: worker count fixed on entry
 # load average too): workers beyond the idle cores only add thread hand-offs.
 # Measured on the shared 2-core box at load 3-6: cpu-mid forward 226 ms wall
 # with 1 worker, 323 ms with 2; nuwa-image 6 ms vs 15 ms.
-DYNAMIC_WORKERS = True
+# Off by default: the load average also counts our own workers, so a long run
+# throttles itself. Measured on the quiet box, 2 threads: cpu-mid-4x took
+# 730 ms with it on after 2 minutes of benchmarks (1 worker) and 411 ms with it
+# off (cpu-mid 92 ms, so 4.47x for 4x tokens). Turn it on for shared machines.
+DYNAMIC_WORKERS = False
 
 
 def _idle_cores(threads: int) -> int:
