@@ -1,5 +1,6 @@
 """The fused Triton kernels (kernels/nearby.py) against the dense reference, under
-the Triton interpreter on CPU (tests/conftest.py turns it on before import).
+the Triton interpreter on CPU (tests/conftest.py turns it on before import),
+and compiled on the GPU where CUDA is available.
 
 Tolerance (FlashAttention rule): err(triton vs dense float64) <= 2 * err(dense
 in the test dtype vs dense float64) + atol, for the output and dq, dk, dv.
@@ -17,8 +18,8 @@ from nuwa3dna.checks import interpreter_enabled
 from nuwa3dna.problems import TEST_PROBLEMS, Problem
 from nuwa3dna.reference import dense_nearby_attention, nearby_mask
 
-if torch.cuda.is_available():
-    pytest.skip("these tests run the kernels in the Triton interpreter on CPU", allow_module_level=True)
+# On a CUDA machine the same tests run the compiled kernels on the GPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 from nuwa3dna.kernels.nearby import (  # noqa: E402  (after the interpreter is on)
     nearby_attention_backward, nearby_attention_forward, stats_shape, triton_nearby_attention, upcast_dot)
@@ -40,8 +41,8 @@ def _max_err(a, b):
 
 def _check(p: Problem, dtype, gen, backward=True):
     """Forward (+ dq, dk, dv) of the kernels vs dense float64, FlashAttention tolerance."""
-    q, k, v = p.make(dtype, generator=gen)
-    dout = torch.randn(q.shape, generator=gen).to(dtype)
+    q, k, v = p.make(dtype, device=DEVICE, generator=gen)
+    dout = torch.randn(q.shape, generator=gen).to(DEVICE, dtype)
     scale = p.D ** -0.5
     extent = p.resolved_extent
 
@@ -62,6 +63,7 @@ def _check(p: Problem, dtype, gen, backward=True):
         assert err <= 2 * base + ATOL[dtype], f"{p.id} {dtype} {name}: {err=} {base=}"
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter is for CPU-only machines")
 def test_interpreter_is_on():
     assert interpreter_enabled()
     # bf16 tiles are upcast only in the interpreter; the GPU keeps native bf16 dots.
@@ -87,7 +89,7 @@ def test_head_dim_200_padded(dtype, gen):
 def test_public_api_extent_none(gen):
     """nearby_attention(backend="triton") with extent=None (whole grid) is full attention."""
     p = Problem(2, (2, 3, 3), 2, 16, (None, None, None), kv_grid=(1, 2, 5))
-    q, k, v = p.make(torch.float32, generator=gen)
+    q, k, v = p.make(torch.float32, device=DEVICE, generator=gen)
     out = nearby_attention(q, k, v, None, backend="triton")
     qh, kh, vh = (x.flatten(1, 3).transpose(1, 2).double() for x in (q, k, v))
     full = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(q.shape)
@@ -97,7 +99,7 @@ def test_public_api_extent_none(gen):
 def test_log_sum_exp(gen):
     """The saved statistic is the natural log-sum-exp of the visible scaled scores."""
     p = TEST_PROBLEMS[1]   # causal
-    q, k, v = p.make(torch.float32, generator=gen)
+    q, k, v = p.make(torch.float32, device=DEVICE, generator=gen)
     scale = p.D ** -0.5
     _, lse = nearby_attention_forward(q, k, v, p.resolved_extent, p.causal, scale)
     qh, kh = (x.flatten(1, 3).transpose(1, 2).double() for x in (q, k))     # [B, heads, N, D]
@@ -110,12 +112,12 @@ def test_log_sum_exp(gen):
 def test_poisoned_buffers_fully_written(gen):
     """NaN-filled output, statistic and gradient buffers are overwritten everywhere."""
     p = TEST_PROBLEMS[6]   # cross attention, grids not multiples of any tile
-    q, k, v = p.make(torch.float32, generator=gen)
+    q, k, v = p.make(torch.float32, device=DEVICE, generator=gen)
     scale = p.D ** -0.5
     extent = p.resolved_extent
-    nan = lambda shape: torch.full(shape, float("nan"))
+    nan = lambda shape: torch.full(shape, float("nan"), device=DEVICE)
     out, lse = nearby_attention_forward(q, k, v, extent, False, scale, out=nan(q.shape), lse=nan(stats_shape(q)))
-    dout = torch.randn(q.shape, generator=gen)
+    dout = torch.randn(q.shape, generator=gen).to(DEVICE)
     dq, dk, dv = nearby_attention_backward(q, k, v, out, lse, dout, extent, False, scale,
                                            dq=nan(q.shape), dk=nan(k.shape), dv=nan(v.shape),
                                            delta=nan(stats_shape(q)))
@@ -134,7 +136,7 @@ def test_non_contiguous_inputs(gen):
     B, (T, H, W), n, D = p.B, p.q_grid, p.heads, p.D
 
     def strided():
-        base = torch.randn(B, D + 3, n, T, W + 2, H, generator=gen)          # odd layout, padded
+        base = torch.randn(B, D + 3, n, T, W + 2, H, generator=gen).to(DEVICE)          # odd layout, padded
         return base[:, 1:D + 1, :, :, 1:W + 1, :].permute(0, 3, 5, 4, 2, 1)  # -> (B, T, H, W, heads, D)
 
     q, k, v, dout = strided(), strided(), strided(), strided()
@@ -194,7 +196,7 @@ def test_tile_plans_are_consistent():
 def test_broadcast_output_gradient(gen):
     """out.sum() hands the backward a stride-0 (expanded) dO; it is read through its strides."""
     p = TEST_PROBLEMS[2]
-    q, k, v = p.make(torch.float32, generator=gen, requires_grad=True)
+    q, k, v = p.make(torch.float32, device=DEVICE, generator=gen, requires_grad=True)
     scale = p.D ** -0.5
     g = torch.autograd.grad(triton_nearby_attention(q, k, v, p.resolved_extent, p.causal, scale).sum(), (q, k, v))
     r = torch.autograd.grad(dense_nearby_attention(q, k, v, p.extent, p.causal, scale).sum(), (q, k, v))
