@@ -32,11 +32,7 @@ def nearby_attention(q, k, v, extent, causal=False, scale=None, backend="auto"):
     # Both fast paths go through torch.library custom ops (custom_op.py), so
     # torch.compile(fullgraph=True) sees one opaque op with a fake and a backward.
     if backend == "triton":
-        from .kernels import nearby
-        if all(hasattr(nearby, f) for f in ("nearby_attention_forward", "nearby_attention_backward",
-                                              "stats_shape")):
-            return triton_op(q, k, v, extent, causal, scale)
-        return nearby.triton_nearby_attention(q, k, v, extent, causal, scale)
+        return triton_op(q, k, v, extent, causal, scale)
     if q.device.type == "cpu":
         return torch_op(q, k, v, extent, causal, scale)
     return torch_nearby_attention(q, k, v, extent, causal, scale)
