@@ -49,11 +49,14 @@ def torch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     return nearby_backward(dout, q, k, v, out, lse, tuple(extent), causal, scale)
 
 
-@torch_bwd.register_fake
-def _(dout, q, k, v, out, lse, extent, causal, scale):
+def _fake_grads(dout, q, k, v, out, lse, extent, causal, scale):
+    """Shapes of (dq, dk, dv) for both backward ops: contiguous, like q, k, v."""
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+torch_bwd.register_fake(_fake_grads)
 
 
 def _setup_context(ctx, inputs, output):
@@ -102,11 +105,7 @@ def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
                                                 tuple(extent), causal, scale)
 
 
-@triton_bwd.register_fake
-def _(dout, q, k, v, out, lse, extent, causal, scale):
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
+triton_bwd.register_fake(_fake_grads)
 
 
 def _triton_backward(ctx, dout, _dlse):
