@@ -171,7 +171,18 @@ class NuwaPipeline(nn.Module):
         logits = self.nuwa(f, target)
         keep = ~f.given_mask.reshape(-1)
         logits = logits.reshape(batch, -1, logits.shape[-1])[:, keep]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(batch, -1)[:, keep].reshape(-1))
+        labels = target.reshape(batch, -1)[:, keep]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        weight = self._token_weights(target).reshape(batch, -1)[:, keep].reshape(-1)
+        return (ce * weight).sum() / weight.sum()
+
+    def _token_weights(self, target: torch.Tensor) -> torch.Tensor:
+        """(B, T, h, w) loss weights: ``config.motion_weight`` where a code changed since the previous frame."""
+        w = torch.ones(target.shape, dtype=torch.float32, device=target.device)
+        mw = float(self.config.motion_weight)
+        if mw != 1.0 and target.shape[1] > 1:
+            w[:, 1:][target[:, 1:] != target[:, :-1]] = mw
+        return w
 
     # ---- generation -------------------------------------------------------------------
     @torch.no_grad()

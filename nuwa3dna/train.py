@@ -32,6 +32,7 @@ single process (it is an equally valid sample of the same dropout).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-weights", default=None, help="nuwa stage: comma-separated weights, one per task")
     p.add_argument("--max-objects", type=int, default=1, help="shapes per sample (data)")
     p.add_argument("--cond-drop", type=float, default=None, help="override config.cond_drop")
+    p.add_argument("--motion-weight", type=float, default=None, help="override config.motion_weight")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--time-limit", type=float, default=None, help="stop (with a checkpoint) after this many seconds")
     return p
@@ -254,6 +256,8 @@ def build_stage(args, config, dist: Dist):
     if args.init is not None:
         pipe = NuwaPipeline.load(args.init, map_location=str(dist.device))
         pipe.config.cond_drop = config.cond_drop
+        if args.motion_weight is not None:
+            pipe.config.motion_weight = config.motion_weight
     else:
         tok_dir = args.tokenizers or args.out
         tok, sk = VQTokenizer.from_config(config), SketchTokenizer.from_config(config)
@@ -330,6 +334,8 @@ def train(args) -> dict:
     config = load_config(args.config)
     if args.cond_drop is not None:
         config.cond_drop = float(args.cond_drop)
+    if args.motion_weight is not None:
+        config = dataclasses.replace(config, motion_weight=float(args.motion_weight))   # validates it
     dist = Dist(args.device)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed + 1000 * dist.rank)   # dropout / restarts: per-rank streams

@@ -186,6 +186,33 @@ def test_config_json_and_validation():
         NuwaConfig(backend="cuda")
     with pytest.raises(ValueError, match="v2v_given_frames"):
         NuwaConfig(v2v_given_frames=4)
+    with pytest.raises(ValueError, match="motion_weight=0.5"):
+        NuwaConfig(motion_weight=0.5)
+
+
+def test_motion_weight_scores_changed_tokens(gen):
+    """The video loss weights a token ``motion_weight`` times when its code differs from the
+    previous frame's at the same place (frame 0 and unchanged tokens keep weight 1)."""
+    torch.manual_seed(0)
+    c = tiny_config(cond_drop=0.0, motion_weight=5.0)
+    pipe = NuwaPipeline(config=c).eval()
+    inp = make_inputs("t2v", 2, gen)
+    codes = pipe.tokenizer.encode(inp["target"])
+    codes[:, 2] = codes[:, 1]                                      # frame 2 repeats frame 1 exactly
+    from nuwa3dna.model.tasks import form
+    f = form("t2v", c, batch=2, text=pipe._text(inp["text"]))
+    ce = torch.nn.functional.cross_entropy(pipe.nuwa(f, codes).flatten(0, 3), codes.flatten(), reduction="none")
+    changed = torch.zeros_like(codes, dtype=torch.bool)
+    changed[:, 1:] = codes[:, 1:] != codes[:, :-1]
+    assert changed[:, 1].any() and not changed[:, 2].any() and not changed[:, 0].any()
+    w = 1.0 + 4.0 * changed.flatten().float()
+    pipe.tokenizer.encode = lambda x: codes                         # score exactly these codes
+    try:
+        torch.testing.assert_close(pipe.training_loss("t2v", inp), (w * ce).sum() / w.sum())
+        pipe.config.motion_weight = 1.0
+        torch.testing.assert_close(pipe.training_loss("t2v", inp), ce.mean())
+    finally:
+        del pipe.tokenizer.encode
 
 
 def test_training_reduces_the_loss(gen):
