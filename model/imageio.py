@@ -85,11 +85,12 @@ def save_sketch_png(sketch: torch.Tensor, path: str, scale: int = 1) -> str:
 
 def contact_sheet(panels: Sequence[Tuple[str, torch.Tensor]], scale: int = 4, pad: int = 4,
                   title: Optional[str] = None) -> Image.Image:
-    """Panels side by side, each a column of frames (time runs downwards).
+    """Condition and output side by side: images as one row of panels; videos as
+    one row per panel with time running left to right, so motion reads across.
 
     ``panels``: (label, pixels) with pixels (T, 3, H, W) or (3, H, W); all must
     share H and W. Labels (and an optional title, e.g. the prompt) are drawn
-    with PIL's built-in bitmap font above the panels.
+    with PIL's built-in bitmap font: the title on top, each label above its panel.
     """
     vids = [(label, (p[None] if p.dim() == 3 else p)) for label, p in panels]
     if not vids:
@@ -100,19 +101,22 @@ def contact_sheet(panels: Sequence[Tuple[str, torch.Tensor]], scale: int = 4, pa
             raise ValueError(f"panel {label!r} has size {tuple(v.shape[-2:])}, expected {(H, W)}")
     T = max(v.shape[0] for _, v in vids)
     fh, fw = H * scale, W * scale
-    # PIL's default bitmap font is 11 px tall: one 14 px line for the title, one for labels.
-    label_y = 2 + (14 if title else 0)
-    head = label_y + 12
-    width = max(pad + len(vids) * (fw + pad), 8 + 6 * len(title or ""))
-    sheet = Image.new("RGB", (width, head + pad + T * (fh + pad)), (40, 40, 40))
+    # PIL's default bitmap font is 11 px tall (6 px per character): a 14 px line for
+    # the title, a 12 px line above each panel for its label.
+    top = 2 + (14 if title else 0)
+    cell_w, cell_h = fw + pad, 12 + fh + pad
+    cols, rows = (len(vids), 1) if T == 1 else (T, len(vids))
+    label_w = 8 + 6 * max(len(lab) for lab, _ in vids) if T > 1 else 0
+    width = max(pad + cols * cell_w, 8 + 6 * len(title or ""), label_w)
+    sheet = Image.new("RGB", (width, top + rows * cell_h), (40, 40, 40))
     draw = ImageDraw.Draw(sheet)
     if title:
         draw.text((pad, 2), title[:80], fill=(255, 255, 255))
     for i, (label, v) in enumerate(vids):
-        x = pad + i * (fw + pad)
-        draw.text((x, label_y), label[: max(1, fw // 6)], fill=(220, 220, 220))
+        x0, y0 = (pad + i * cell_w, top) if T == 1 else (pad, top + i * cell_h)
+        draw.text((x0, y0), label if T > 1 else label[: max(1, fw // 6)], fill=(220, 220, 220))
         for t, frame in enumerate(_upscale(to_uint8(v), scale)):
-            sheet.paste(Image.fromarray(frame), (x, head + pad + t * (fh + pad)))
+            sheet.paste(Image.fromarray(frame), (x0 + t * cell_w, y0 + 12))
     return sheet
 
 

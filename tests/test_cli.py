@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -187,8 +188,14 @@ def test_imageio_round_trips_and_errors(tmp_path):
         imageio.read_image(str(tmp_path / "nope.png"), 32)
     with pytest.raises(ValueError, match="directory"):
         imageio.read_image(str(tmp_path), 32)
+    T = s.video.shape[0]
     sheet = imageio.contact_sheet([("a", s.video), ("b", s.video[0])], scale=2, title="t")
-    assert sheet.size[0] == 4 + 2 * (64 + 4)
+    assert sheet.size == (4 + T * (64 + 4), 16 + 2 * (12 + 64 + 4))            # a row per panel, time across
+    row_b = np.asarray(sheet)[16 + 80 + 12:16 + 80 + 12 + 64]
+    assert np.array_equal(row_b[:, 4:68], imageio._upscale(imageio.to_uint8(s.video[:1]), 2)[0])
+    assert (row_b[:, 4 + 68:] == 40).all()                                  # a 1-frame panel fills one cell
+    sheet = imageio.contact_sheet([("a", s.video[0]), ("b", s.video[1])], scale=2)
+    assert sheet.size == (4 + 2 * (64 + 4), 2 + 12 + 64 + 4)                # images side by side
 
 
 def test_package_entry_point_dispatches(tiny_ckpt, tmp_path, capsys):
