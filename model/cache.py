@@ -113,11 +113,13 @@ class DecoderCache:
         idx = window_index(p, self.grid, self.self_extent, self.device)
         tb = cross_box(coords, self.grid, self.text_grid, self.text_extent)
         vb = cross_box(coords, self.grid, self.vis_grid, self.vis_extent)
+        pos = torch.tensor(coords, dtype=torch.float32, device=self.device)   # rotary position of p
         for l, layer in enumerate(nuwa.layers):
             a = layer.self_attn
             h = layer.norm_self(x)
-            q = a.to_q(h).view(B, heads, D)
+            q = a.rotate(a.to_q(h).view(B, heads, D), pos)
             k, v = a.to_kv(h).view(B, 2, heads, D).unbind(1)
+            k = a.rotate(k, pos)
             self.k[l][:, p] = k
             self.v[l][:, p] = v
             o = attend_one(q, self.k[l].index_select(1, idx), self.v[l].index_select(1, idx))

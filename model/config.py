@@ -69,6 +69,7 @@ class NuwaConfig:
     dim_head: int = 32
     ff_mult: int = 4
     backend: str = "auto"         # nearby_attention backend of every 3DNA layer
+    rotary: bool = False          # learned 3D rotary positions in every self-attention (nuwa3dna.rotary)
     # ---- extents (radius per axis t, h, w) ------------------------------------------
     text_extent: Extent3 = (0, 0, None)          # encoder self-attention over text (1, 1, L)
     sketch_extent: Extent3 = (1, 2, 2)           # encoder self-attention over sketch tokens
@@ -117,6 +118,8 @@ class NuwaConfig:
                 raise ValueError(f"{name} must be a power of 2, got {name}={d}")
             if self.image_size % d:
                 raise ValueError(f"image_size must be divisible by {name}, got {self.image_size=}, {name}={d}")
+        if not isinstance(self.rotary, bool):
+            raise ValueError(f"rotary must be a bool, got {self.rotary=}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend: {self.backend=}; choose one of {BACKENDS}")
         if not 0.0 <= float(self.cond_drop) < 1.0:

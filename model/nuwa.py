@@ -8,7 +8,8 @@
   (the whole text) and to the visual memory (rescaled centres, extent
   ``cross_sketch_extent`` / ``cross_source_extent``), then a feed-forward.
 * Learned per-axis position tables (time, height, width), a learned task
-  embedding added to every stream, learned BOS.
+  embedding added to every stream, learned BOS; with ``config.rotary`` every
+  self-attention also gets learned 3D rotary (relative) positions.
 * Shifted input: the decoder input at raster position p is the embedding of
   target token p-1 (BOS at p = 0), so the non-strict causal mask of 3DNA is
   exactly the autoregressive condition; logits at p predict token p.
@@ -64,7 +65,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(c.dim)
         self.attn = NearbyAttention3D(c.dim, heads=c.heads, dim_head=c.dim_head, extent=extent,
-                                      causal=False, backend=c.backend)
+                                      causal=False, backend=c.backend, rotary=c.rotary)
         self.norm2 = nn.LayerNorm(c.dim)
         self.ff = FeedForward(c.dim, c.ff_mult)
 
@@ -76,9 +77,9 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, c):
         super().__init__()
-        mk = lambda extent, causal: NearbyAttention3D(c.dim, heads=c.heads, dim_head=c.dim_head, extent=extent,
-                                                      causal=causal, backend=c.backend)
-        self.norm_self, self.self_attn = nn.LayerNorm(c.dim), mk(c.video_extent, True)
+        mk = lambda extent, causal, rotary=False: NearbyAttention3D(
+            c.dim, heads=c.heads, dim_head=c.dim_head, extent=extent, causal=causal, backend=c.backend, rotary=rotary)
+        self.norm_self, self.self_attn = nn.LayerNorm(c.dim), mk(c.video_extent, True, c.rotary)
         self.norm_text, self.cross_text = nn.LayerNorm(c.dim), mk(c.cross_text_extent, False)
         self.norm_vis, self.cross_vis = nn.LayerNorm(c.dim), mk(c.cross_source_extent, False)
         self.norm_ff, self.ff = nn.LayerNorm(c.dim), FeedForward(c.dim, c.ff_mult)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -221,6 +222,17 @@ class NuwaPipeline(nn.Module):
             return self.tokenizer.decode(tokens)
         finally:
             self.train(was_training)
+
+    def with_rotary(self) -> "NuwaPipeline":
+        """A copy whose self-attention layers have rotary positions (``config.rotary``); every
+        existing weight is kept and the new frequencies start at their standard init."""
+        if self.config.rotary:
+            raise ValueError("this pipeline already has rotary positions (config.rotary=True)")
+        new = type(self)(config=replace(self.config, rotary=True)).to(self._device())
+        missing, unexpected = new.load_state_dict(self.state_dict(), strict=False)
+        if unexpected or not all(k.endswith("rotary_freqs") for k in missing):
+            raise ValueError(f"rotary conversion mismatch: missing={missing[:5]}, unexpected={unexpected[:5]}")
+        return new
 
     # ---- checkpoints ------------------------------------------------------------------
     def save(self, directory) -> None:

@@ -6,6 +6,7 @@ from torch import nn
 
 from .checks import check_backend, check_extent
 from .ops import nearby_attention
+from .rotary import grid_positions, init_freqs, rotate
 
 
 class NearbyAttention3D(nn.Module):
@@ -13,10 +14,13 @@ class NearbyAttention3D(nn.Module):
 
     ``attn(x)`` is self 3DNA; ``attn(x, context)`` is cross 3DNA to a context
     grid of any size (B, T', H', W', context_dim), centres rescaled.
+    ``rotary=True`` (self-attention only) rotates queries and keys by learned
+    3D rotary positions (``nuwa3dna.rotary``), parameter ``rotary_freqs``.
     """
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, extent=(1, 3, 3),
-                 causal: bool = False, context_dim=None, backend: str = "auto", bias: bool = False):
+                 causal: bool = False, context_dim=None, backend: str = "auto", bias: bool = False,
+                 rotary: bool = False):
         super().__init__()
         for name, val in (("dim", dim), ("heads", heads), ("dim_head", dim_head)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -26,6 +30,10 @@ class NearbyAttention3D(nn.Module):
             raise ValueError(f"context_dim must be a positive int or None, got {context_dim=}")
         check_extent(extent)
         check_backend(backend)
+        if not isinstance(rotary, bool):
+            raise TypeError(f"rotary must be a bool, got {rotary=}")
+        if rotary and context_dim is not None:
+            raise ValueError(f"rotary positions are for self-attention; got {rotary=} with {context_dim=}")
         self.dim, self.heads, self.dim_head = dim, heads, dim_head
         self.extent, self.causal, self.backend = extent, bool(causal), backend
         self.context_dim = context_dim
@@ -33,10 +41,14 @@ class NearbyAttention3D(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=bias)
         self.to_kv = nn.Linear(dim if context_dim is None else context_dim, 2 * inner, bias=bias)
         self.to_out = nn.Linear(inner, dim)
+        self.rotary = rotary
+        if rotary:
+            self.rotary_freqs = nn.Parameter(init_freqs(heads, dim_head))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, dim_head={self.dim_head}, extent={self.extent}, "
-                f"causal={self.causal}, context_dim={self.context_dim}, backend={self.backend!r}")
+                f"causal={self.causal}, context_dim={self.context_dim}, backend={self.backend!r}, "
+                f"rotary={self.rotary}")
 
     def _check(self, x, context):
         if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[-1] != self.dim:
@@ -61,8 +73,17 @@ class NearbyAttention3D(nn.Module):
             check_extent(extent)
         if context is None and self.context_dim is not None:
             raise ValueError(f"this module was built for cross-attention ({self.context_dim=}); pass a context")
+        if context is not None and self.rotary:
+            raise ValueError("this module has rotary positions (self-attention only); got a context")
         src = x if context is None else context
         q = self.to_q(x).unflatten(-1, (self.heads, self.dim_head))
         k, v = self.to_kv(src).unflatten(-1, (2, self.heads, self.dim_head)).unbind(-3)
+        if self.rotary:
+            pos = grid_positions(x.shape[1:4], device=x.device)                # [T, H, W, 3]
+            q, k = self.rotate(q, pos), self.rotate(k, pos)
         out = nearby_attention(q, k, v, extent, causal=self.causal, backend=self.backend)
         return self.to_out(out.flatten(-2))
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Queries or keys (..., heads, dim_head) at ``positions`` (..., 3) rotated (identity without rotary)."""
+        return rotate(x, self.rotary_freqs, positions) if self.rotary else x

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None,
                    help="nuwa stage: start from this pipeline checkpoint (NuwaPipeline.save dir) instead of "
                         "fresh weights + --tokenizers (fine-tuning); its config is used")
+    p.add_argument("--add-rotary", action="store_true",
+                   help="nuwa stage with --init: give the loaded model's self-attention rotary positions "
+                        "(new parameters at their standard init; every other weight kept)")
     p.add_argument("--tasks", default=None, help="nuwa stage: comma-separated subset of the tasks")
     p.add_argument("--task-weights", default=None, help="nuwa stage: comma-separated weights, one per task")
     p.add_argument("--max-objects", type=int, default=1, help="shapes per sample (data)")
@@ -255,10 +258,14 @@ def build_stage(args, config, dist: Dist):
     from .model.vq import SketchTokenizer, VQTokenizer
     if args.init is not None:
         pipe = NuwaPipeline.load(args.init, map_location=str(dist.device))
+        if args.add_rotary:
+            pipe = pipe.with_rotary()
         pipe.config.cond_drop = config.cond_drop
         if args.motion_weight is not None:
             pipe.config.motion_weight = config.motion_weight
     else:
+        if args.add_rotary:
+            raise ValueError("--add-rotary needs --init (a fresh model takes rotary from its --config)")
         tok_dir = args.tokenizers or args.out
         tok, sk = VQTokenizer.from_config(config), SketchTokenizer.from_config(config)
         load_module(tok, os.path.join(tok_dir, TOKENIZER_FILE))

@@ -110,3 +110,25 @@ def test_init_fine_tunes_a_saved_pipeline(tiny_run, tmp_path):
         if k.startswith(("tokenizer.", "sketch_tokenizer.")):
             assert torch.equal(a[k], b[k]), k
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("nuwa."))
+
+
+def test_init_add_rotary_keeps_the_weights(tiny_run, tmp_path):
+    """--add-rotary: the fine-tune's checkpoint has rotary self-attention (config and frequencies);
+    at step 0 (lr 0) every old weight is unchanged, and --add-rotary without --init is refused."""
+    from safetensors.torch import load_file
+    from nuwa3dna.model.pipeline import NuwaPipeline
+    from nuwa3dna.train import build_parser, train
+    torch.manual_seed(4)
+    NuwaPipeline(config=NuwaConfig(**TINY)).save(str(tmp_path / "start"))
+    argv = _args(tiny_run, tmp_path / "ft", 2) + ["--init", str(tmp_path / "start"), "--add-rotary",
+                                                  "--steps", "1", "--lr", "0", "--min-lr-ratio", "0"]
+    train(build_parser().parse_args(argv))
+    a = load_file(str(tmp_path / "start" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    assert NuwaPipeline.load(str(tmp_path / "ft")).config.rotary
+    new = sorted(set(b) - set(a))
+    assert new and all(k.endswith("rotary_freqs") for k in new)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(ValueError, match="--add-rotary needs --init"):
+        train(build_parser().parse_args(_args(tiny_run, tmp_path / "x", 2) + ["--add-rotary"]))
