@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 try:
-    from PIL import Image, ImageDraw, ImageSequence
+    from PIL import Image, ImageDraw, ImageFont, ImageSequence
 except ImportError as e:  # pragma: no cover - pillow is in the "model" extra
     raise ImportError("nuwa3dna.model.imageio needs pillow: pip install 'nuwa3dna[model]'") from e
 
@@ -83,6 +83,14 @@ def save_sketch_png(sketch: torch.Tensor, path: str, scale: int = 1) -> str:
     return save_png(sketch_to_rgb(sketch), path, scale)
 
 
+def _font():
+    """PIL's built-in font at 11 px (its 10 px default runs words together: "movesdown")."""
+    try:
+        return ImageFont.load_default(size=11)
+    except TypeError:                     # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
 def contact_sheet(panels: Sequence[Tuple[str, torch.Tensor]], scale: int = 4, pad: int = 4,
                   title: Optional[str] = None) -> Image.Image:
     """Condition and output side by side: images as one row of panels; videos as
@@ -110,6 +118,7 @@ def contact_sheet(panels: Sequence[Tuple[str, torch.Tensor]], scale: int = 4, pa
     width = max(pad + cols * cell_w, 8 + 6 * len(title or ""), label_w)
     sheet = Image.new("RGB", (width, top + rows * cell_h), (40, 40, 40))
     draw = ImageDraw.Draw(sheet)
+    draw.font = _font()
     if title:
         draw.text((pad, 2), title[:80], fill=(255, 255, 255))
     for i, (label, v) in enumerate(vids):
