@@ -69,7 +69,8 @@ class NuwaConfig:
     dim_head: int = 32
     ff_mult: int = 4
     backend: str = "auto"         # nearby_attention backend of every 3DNA layer
-    rotary: bool = False          # learned 3D rotary positions in every self-attention (nuwa3dna.rotary)
+    rotary: bool = True           # learned 3D rotary positions in every self-attention (nuwa3dna.rotary);
+                                  # without them v2v position error was 2.3 px, with them 0.85 px (TRAINING.md)
     # ---- extents (radius per axis t, h, w) ------------------------------------------
     text_extent: Extent3 = (0, 0, None)          # encoder self-attention over text (1, 1, L)
     sketch_extent: Extent3 = (1, 2, 2)           # encoder self-attention over sketch tokens

@@ -119,7 +119,7 @@ def test_init_add_rotary_keeps_the_weights(tiny_run, tmp_path):
     from nuwa3dna.model.pipeline import NuwaPipeline
     from nuwa3dna.train import build_parser, train
     torch.manual_seed(4)
-    NuwaPipeline(config=NuwaConfig(**TINY)).save(str(tmp_path / "start"))
+    NuwaPipeline(config=NuwaConfig(**TINY, rotary=False)).save(str(tmp_path / "start"))
     argv = _args(tiny_run, tmp_path / "ft", 2) + ["--init", str(tmp_path / "start"), "--add-rotary",
                                                   "--steps", "1", "--lr", "0", "--min-lr-ratio", "0"]
     train(build_parser().parse_args(argv))
