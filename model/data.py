@@ -37,7 +37,7 @@ small frames and raises ValueError) and image sizes below 16 px.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -215,6 +215,19 @@ def caption(objects: Sequence[ShapeParams], video: bool = True) -> str:
             text += " stays still" if o.direction == "still" else f" moves {o.direction}"
         parts.append(text)
     return " and ".join(parts)
+
+
+def caption_variants(objects: Sequence[ShapeParams], attribute: str, values: Sequence[str],
+                     video: bool = True) -> Tuple[List[str], int]:
+    """Captions of ``objects`` with the first object's ``attribute`` set to each of
+    ``values`` in turn, and the index of the true one: hard negatives that differ
+    from the true caption in that word only (training's caption contrast)."""
+    first = objects[0]
+    true = getattr(first, attribute)
+    if true not in values:
+        raise ValueError(f"{attribute}={true!r} is not among {values=}")
+    caps = [caption((replace(first, **{attribute: v}),) + tuple(objects[1:]), video) for v in values]
+    return caps, list(values).index(true)
 
 
 # ----------------------------------------------------------------------------- parameters

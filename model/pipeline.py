@@ -177,6 +177,39 @@ class NuwaPipeline(nn.Module):
         weight = self._token_weights(target).reshape(batch, -1)[:, keep].reshape(-1)
         return (ce * weight).sum() / weight.sum()
 
+    def caption_contrast_loss(self, task: str, inputs: Dict, variants, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of picking each target's true caption among ``variants``
+        by the model's own likelihood: logit_k = sum over the non-given target
+        tokens of log p(token | caption k) (equal caption priors, so by Bayes'
+        rule this is the model's posterior over the captions).
+
+        variants: B lists of V captions (e.g. ``data.caption_variants`` over the
+        five directions); labels: (B,) long index of the true caption. Targets
+        get no condition dropout here. Why: with next-token loss alone the
+        caption's direction moved a t2v video's likelihood by only a few nats
+        (the direction decides a handful of frame-1 tokens), and the model
+        confused "left" with "up" and "right" with "down" (teacher-forced
+        posterior 0.56-0.71 on the true direction); this loss trains that
+        posterior directly.
+        """
+        check_task(task)
+        if task not in TEXT_TASKS:
+            raise ValueError(f"caption contrast needs a text task, got {task=}")
+        V = len(variants[0])
+        if any(len(v) != V for v in variants):
+            raise ValueError(f"every sample needs the same number of caption variants, got "
+                             f"{[len(v) for v in variants]}")
+        inputs = self._gather_inputs(task, inputs, TRAIN_INPUTS[task])
+        toks, target, batch = self._tokenize(task, inputs, training=True)
+        toks["text"] = self._text([c for caps in variants for c in caps])              # [B*V, L]
+        toks = {k: (v if k == "text" else v.repeat_interleave(V, 0)) for k, v in toks.items()}
+        tgt = target.repeat_interleave(V, 0)
+        f = form(task, self.config, batch=batch * V, **toks)
+        logp = self.nuwa(f, tgt).float().log_softmax(-1).gather(-1, tgt[..., None])[..., 0]   # [B*V, T, h, w]
+        keep = ~f.given_mask
+        ll = logp[:, keep].sum(-1).view(batch, V)                                         # [B, V]
+        return F.cross_entropy(ll, labels.to(ll.device))
+
     def _token_weights(self, target: torch.Tensor) -> torch.Tensor:
         """(B, T, h, w) loss weights: ``config.motion_weight`` where a code changed since the previous frame."""
         w = torch.ones(target.shape, dtype=torch.float32, device=target.device)

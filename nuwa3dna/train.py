@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-objects", type=int, default=1, help="shapes per sample (data)")
     p.add_argument("--cond-drop", type=float, default=None, help="override config.cond_drop")
     p.add_argument("--motion-weight", type=float, default=None, help="override config.motion_weight")
+    p.add_argument("--caption-contrast", type=float, default=0.0,
+                   help="nuwa stage: weight of the loss that picks a t2v video's caption among its five "
+                        "direction variants by the model's likelihood (0 = off)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--time-limit", type=float, default=None, help="stop (with a checkpoint) after this many seconds")
     return p
@@ -186,12 +189,19 @@ class _TokenizerLoss(nn.Module):
 
 
 class _NuwaLoss(nn.Module):
-    def __init__(self, pipe: nn.Module):
+    """Next-token loss, plus ``contrast`` x the caption-contrast loss on batches that carry
+    caption variants (``--caption-contrast``)."""
+
+    def __init__(self, pipe: nn.Module, contrast: float = 0.0):
         super().__init__()
-        self.pipe = pipe
+        self.pipe, self.contrast = pipe, contrast
 
     def forward(self, batch: Dict):
-        return self.pipe.training_loss(batch["task"], batch["inputs"]), {}
+        loss = self.pipe.training_loss(batch["task"], batch["inputs"])
+        if self.contrast > 0 and "variants" in batch:
+            c = self.pipe.caption_contrast_loss(batch["task"], batch["inputs"], batch["variants"], batch["labels"])
+            return loss + self.contrast * c, {"contrast": float(c.detach())}
+        return loss, {}
 
 
 def task_inputs(task: str, batch_size: int, seed: int, start: int, data_cfg, device) -> Dict:
@@ -208,9 +218,17 @@ def task_inputs(task: str, batch_size: int, seed: int, start: int, data_cfg, dev
     out = dict(target=b["video"].to(device))
     if task in ("t2i", "t2v"):
         out["text"] = b["text"]
+        out["objects"] = [smp.objects for smp in b["samples"]]
     if task in ("s2i", "s2v"):
         out["sketch"] = b["sketch"].to(device)
     return out
+
+
+def direction_variants(objects, data_cfg):
+    """(B lists of caption variants over ``data_cfg.directions``, (B,) long true index)."""
+    from .model.data import caption_variants
+    pairs = [caption_variants(objs, "direction", data_cfg.directions) for objs in objects]
+    return [p[0] for p in pairs], torch.tensor([p[1] for p in pairs], dtype=torch.long)
 
 
 def _task_schedule(args, tasks_all):
@@ -278,11 +296,16 @@ def build_stage(args, config, dist: Dist):
     def batch_fn(step):
         # Same task on every rank: drawn from (seed, step) only.
         task = tasks[int(np.random.default_rng([args.seed, step, 7]).choice(len(tasks), p=weights))]
-        return {"task": task, "inputs": task_inputs(task, B, args.seed, start_of(step), data_cfg, dist.device)}
+        inputs = task_inputs(task, B, args.seed, start_of(step), data_cfg, dist.device)
+        out = {"task": task, "inputs": inputs}
+        if args.caption_contrast > 0 and task == "t2v":
+            out["variants"], out["labels"] = direction_variants(inputs.pop("objects"), data_cfg)
+        inputs.pop("objects", None)
+        return out
 
     def save_fn(final):
         pipe.save(args.out)
-    return pipe.nuwa, _NuwaLoss(pipe), batch_fn, save_fn
+    return pipe.nuwa, _NuwaLoss(pipe, args.caption_contrast), batch_fn, save_fn
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -402,6 +425,8 @@ def train(args) -> dict:
         if "task" in batch:
             t = batch["task"]
             per_task[t] = val if t not in per_task else 0.9 * per_task[t] + 0.1 * val
+        for k, v in logs.items():            # e.g. the caption-contrast loss, on the steps that have it
+            per_task[k] = v if k not in per_task else 0.9 * per_task[k] + 0.1 * v
         bar.set_postfix(loss=f"{val:.4f}", ema=f"{ema:.4f}", lr=f"{lr:.2e}",
                         **{k: f"{v:.3g}" for k, v in logs.items()})
         bar.update(1)

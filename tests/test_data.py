@@ -99,3 +99,15 @@ def test_bad_arguments_raise():
         make_sample(-1)
     with pytest.raises(ValueError, match="attribute"):
         make_edit_pair(0, attributes=("size",))
+
+
+def test_caption_variants_change_only_the_direction():
+    cfg = data.DataConfig()
+    s = data.make_sample(5, 3, cfg, 4)
+    caps, label = data.caption_variants(s.objects, "direction", cfg.directions)
+    assert caps[label] == s.caption and len(set(caps)) == len(cfg.directions)
+    colour_shape = f"a {s.objects[0].color} {s.objects[0].shape} "
+    assert all(c.startswith(colour_shape) for c in caps)
+    assert caps[cfg.directions.index("still")].endswith("stays still")
+    with pytest.raises(ValueError, match="direction="):
+        data.caption_variants(s.objects, "direction", ("nowhere",))

@@ -49,14 +49,18 @@ def _args(d, out, batch):
 
 
 def test_two_processes_match_one(tiny_run):
+    """Also with the caption-contrast loss on the t2v steps: a per-sample mean, so the two
+    ranks' halves average to the whole batch's as well."""
     from safetensors.torch import load_file
     from nuwa3dna.train import build_parser, train
     d = tiny_run
-    single = train(build_parser().parse_args(_args(d, d / "single", 4)))
+    contrast = ["--caption-contrast", "0.5"]
+    single = train(build_parser().parse_args(_args(d, d / "single", 4) + contrast))
+    assert "contrast" in single["per_task"]        # a t2v step ran with it
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "nuwa3dna.train", *_args(d, d / "ddp", 2)]
+           "-m", "nuwa3dna.train", *_args(d, d / "ddp", 2), *contrast]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "on 2 process(es)" in res.stdout

@@ -229,3 +229,40 @@ def test_training_reduces_the_loss(gen):
         opt.step()
         first = float(loss.detach()) if first is None else first
     assert float(loss.detach()) < 0.5 * first
+
+
+@pytest.mark.parametrize("task", ["t2v", "ti2i"])
+def test_caption_contrast_is_the_model_posterior_over_captions(task, gen):
+    """caption_contrast_loss == cross-entropy of log-likelihoods computed one caption and one
+    sample at a time (so the batching of B samples x V captions pairs them right), for a
+    video task and for an editing task (the source repeats with its sample)."""
+    torch.manual_seed(1)
+    c = tiny_config(cond_drop=0.5)               # dropout must NOT apply to the contrast
+    pipe = NuwaPipeline(config=c).train()
+    inp = make_inputs(task, 2, gen)
+    variants = [["red", "blue", "green"], ["up", "left", "still"]]     # tiny text_len: 6 bytes
+    labels = torch.tensor([2, 0])
+    from nuwa3dna.model.tasks import form
+    ll = torch.zeros(2, 3)
+    with torch.no_grad():
+        for i in range(2):
+            codes = pipe.tokenizer.encode(inp["target"][i:i + 1])
+            kw = {}
+            if "source" in inp:
+                kw["source"] = pipe.tokenizer.encode(inp["source"][i:i + 1])
+            for k, cap in enumerate(variants[i]):
+                f = form(task, c, batch=1, text=pipe._text(cap), **kw)
+                ll[i, k] = pipe.nuwa(f, codes).log_softmax(-1).gather(-1, codes[..., None]).sum()
+    expect = torch.nn.functional.cross_entropy(ll, labels)
+    got = pipe.caption_contrast_loss(task, inp, variants, labels)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-4)
+    got.backward()
+    assert pipe.nuwa.text_emb.weight.grad.abs().sum() > 0     # it reaches the text side
+
+
+def test_caption_contrast_errors(pipe, gen):
+    inp = make_inputs("t2v", 2, gen)
+    with pytest.raises(ValueError, match="text task"):
+        pipe.caption_contrast_loss("s2v", make_inputs("s2v", 2, gen), [["a"], ["b"]], torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="same number of caption variants"):
+        pipe.caption_contrast_loss("t2v", inp, [["a", "b"], ["c"]], torch.tensor([0, 0]))
