@@ -297,10 +297,10 @@ def build_stage(args, config, dist: Dist):
         # Same task on every rank: drawn from (seed, step) only.
         task = tasks[int(np.random.default_rng([args.seed, step, 7]).choice(len(tasks), p=weights))]
         inputs = task_inputs(task, B, args.seed, start_of(step), data_cfg, dist.device)
+        objects = inputs.pop("objects", None)          # ground truth, not a model input
         out = {"task": task, "inputs": inputs}
         if args.caption_contrast > 0 and task == "t2v":
-            out["variants"], out["labels"] = direction_variants(inputs.pop("objects"), data_cfg)
-        inputs.pop("objects", None)
+            out["variants"], out["labels"] = direction_variants(objects, data_cfg)
         return out
 
     def save_fn(final):
