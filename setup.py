@@ -4,7 +4,8 @@ setup(
     name="nuwa3dna",
     version="0.1.0",
     description="NÜWA 3D Nearby Attention (3DNA): fused Triton kernels, a fast CPU path and a small NÜWA",
-    packages=["nuwa3dna", "nuwa3dna.kernels", "nuwa3dna.model"],
+    packages=["nuwa3dna", "nuwa3dna.kernels", "nuwa3dna.kernels.cpu", "nuwa3dna.kernels.triton",
+              "nuwa3dna.model", "nuwa3dna.model.cli"],
     package_dir={
         "nuwa3dna": "nuwa3dna",
         "nuwa3dna.kernels": "kernels",

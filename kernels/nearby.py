@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import interpreter_enabled
+from nuwa3dna.kernels.env import interpreter_enabled
 
 LOG2E = 1.4426950408889634
 # Kernels may only read constexpr globals.

@@ -41,8 +41,8 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
-from ..problems import WORKLOADS
-from . import nearby
+from nuwa3dna.kernels import nearby
+from nuwa3dna.kernels.problems import WORKLOADS
 
 ARCHS = (90, 80)
 HEAD_DIMS = (16, 32, 64, 128, 256)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nuwa3dna.geometry import centre_int, resolve_extent
+from nuwa3dna.kernels.geometry import centre_int, resolve_extent
 
 from .tasks import Formation
 

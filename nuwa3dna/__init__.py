@@ -1,9 +1,9 @@
 """nuwa3dna: NÜWA's 3D Nearby Attention (3DNA) with fused Triton kernels and a fast CPU path."""
-from .geometry import count_visible, resolve_extent
-from .module import NearbyAttention3D
-from .ops import nearby_attention
-from .reference import brute_force_nearby_attention, dense_nearby_attention, nearby_mask
-from .torch_path import torch_nearby_attention
+from nuwa3dna.kernels.geometry import count_visible, resolve_extent
+from nuwa3dna.module import NearbyAttention3D
+from nuwa3dna.ops import nearby_attention
+from nuwa3dna.reference import brute_force_nearby_attention, dense_nearby_attention, nearby_mask
+from nuwa3dna.torch_path import torch_nearby_attention
 
 __all__ = [
     "nearby_attention", "NearbyAttention3D",

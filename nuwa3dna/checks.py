@@ -5,19 +5,16 @@ Backends, kernels and autograd Functions below this layer hold no checks.
 from __future__ import annotations
 
 import math
-import os
 from numbers import Real
 
 import torch
+
+from nuwa3dna.kernels.env import interpreter_enabled
 
 BACKENDS = ("auto", "triton", "torch", "dense")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TRITON_HEAD_DIM = 256
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def check_extent(extent):

@@ -22,7 +22,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
-from .torch_path import nearby_backward, nearby_forward
+from nuwa3dna.torch_path import nearby_backward, nearby_forward
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checks import check_backend, check_extent
-from .ops import nearby_attention
-from .rotary import grid_positions, init_freqs, rotate
+from nuwa3dna.checks import check_backend, check_extent
+from nuwa3dna.ops import nearby_attention
+from nuwa3dna.rotary import grid_positions, init_freqs, rotate
 
 
 class NearbyAttention3D(nn.Module):

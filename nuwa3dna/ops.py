@@ -1,11 +1,11 @@
 """``nearby_attention``: the functional entry point; validates once, then dispatches."""
 from __future__ import annotations
 
-from .checks import check_inputs
-from .custom_op import torch_op, triton_op
-from .geometry import resolve_extent
-from .reference import dense_nearby_attention
-from .torch_path import torch_nearby_attention
+from nuwa3dna.checks import check_inputs
+from nuwa3dna.custom_op import torch_op, triton_op
+from nuwa3dna.kernels.geometry import resolve_extent
+from nuwa3dna.reference import dense_nearby_attention
+from nuwa3dna.torch_path import torch_nearby_attention
 
 
 def nearby_attention(q, k, v, extent, causal=False, scale=None, backend="auto"):

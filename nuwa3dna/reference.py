@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .geometry import Grid, grid_coords, resolve_extent, visible
+from nuwa3dna.kernels.geometry import Grid, grid_coords, resolve_extent, visible
 
 
 def nearby_mask(q_grid: Grid, kv_grid: Grid, extent, causal: bool = False, device=None) -> torch.Tensor:

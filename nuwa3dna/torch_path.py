@@ -53,7 +53,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .geometry import Grid, centre_int, query_range
+from nuwa3dna.kernels.geometry import Grid, centre_int, query_range
 
 # Score-chunk target in elements (batch*heads are split to stay near it). On
 # cpu-mid, 20K-320K measured within noise of each other (benchmarks/NOTES.md);

@@ -1,0 +1,94 @@
+"""One list of 3DNA problems shared by tests, benchmarks and the README.
+
+``WORKLOADS`` are the named workloads of SPEC.md section 3. ``TEST_PROBLEMS``
+are small, deliberately odd shapes (no size a multiple of any block) for
+correctness tests, including under the Triton interpreter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
+import torch
+
+from nuwa3dna.kernels.geometry import count_visible, resolve_extent
+
+
+@dataclass(frozen=True)
+class Problem:
+    B: int
+    q_grid: Tuple[int, int, int]
+    heads: int
+    D: int
+    extent: Tuple[Optional[int], Optional[int], Optional[int]]
+    causal: bool = False
+    kv_grid: Optional[Tuple[int, int, int]] = None   # None: self-attention
+    name: Optional[str] = None
+
+    @property
+    def kv(self) -> Tuple[int, int, int]:
+        return self.q_grid if self.kv_grid is None else self.kv_grid
+
+    @property
+    def id(self) -> str:
+        """Readable test id, e.g. ``B2-T3H5W7-h2-d24-e1x2x2-causal``."""
+        grid = lambda g: "T{}H{}W{}".format(*g)
+        parts = [f"B{self.B}", grid(self.q_grid)]
+        if self.kv_grid is not None:
+            parts.append("kv" + grid(self.kv_grid))
+        parts += [f"h{self.heads}", f"d{self.D}",
+                  "e" + "x".join("a" if e is None else str(e) for e in self.extent)]
+        if self.causal:
+            parts.append("causal")
+        return (self.name + ":" if self.name else "") + "-".join(parts)
+
+    @property
+    def resolved_extent(self):
+        return resolve_extent(self.extent, self.kv)
+
+    def visible_pairs(self) -> int:
+        return count_visible(self.q_grid, self.kv, self.resolved_extent, self.causal)
+
+    def flops(self, backward: bool = False) -> float:
+        """Useful FLOPs (SPEC.md section 3): 4*D*heads*B*pairs; backward counts 2.5x."""
+        f = 4.0 * self.D * self.heads * self.B * self.visible_pairs()
+        return f * 3.5 if backward else f
+
+    def scaled(self, t: int = 1, h: int = 1, w: int = 1) -> "Problem":
+        """The same problem with grids divided per axis (documented CPU scaling)."""
+        div = lambda g: (max(1, g[0] // t), max(1, g[1] // h), max(1, g[2] // w))
+        return replace(self, q_grid=div(self.q_grid),
+                       kv_grid=None if self.kv_grid is None else div(self.kv_grid))
+
+    def make(self, dtype=torch.float32, device="cpu", requires_grad=False, generator=None):
+        """Fresh random q, k, v for this problem."""
+        def rand(grid):
+            x = torch.randn(self.B, *grid, self.heads, self.D, dtype=torch.float32,
+                            generator=generator).to(device=device, dtype=dtype)
+            return x.requires_grad_(requires_grad)
+        return rand(self.q_grid), rand(self.kv), rand(self.kv)
+
+
+WORKLOADS = {
+    p.name: p for p in [
+        Problem(1, (1, 21, 21), 8, 64, (0, 3, 3), causal=True, name="nuwa-image"),
+        Problem(1, (10, 21, 21), 8, 64, (3, 3, 3), causal=True, name="nuwa-video"),
+        Problem(1, (8, 32, 32), 8, 64, (1, 3, 3), name="cpu-mid"),
+        Problem(1, (32, 32, 32), 8, 64, (1, 3, 3), name="cpu-mid-4x"),
+        Problem(2, (16, 48, 48), 16, 64, (1, 3, 3), name="gpu-large"),
+        Problem(1, (10, 21, 21), 8, 64, (1, 2, 2), kv_grid=(10, 14, 14), name="cross-sketch"),
+    ]
+}
+
+TEST_PROBLEMS = [
+    Problem(2, (3, 5, 7), 2, 24, (1, 2, 2)),
+    Problem(2, (3, 5, 7), 2, 24, (1, 2, 2), causal=True),
+    Problem(2, (1, 1, 9), 3, 8, (0, 0, 2)),
+    Problem(1, (1, 1, 9), 2, 8, (0, 0, None), causal=True),
+    Problem(2, (2, 6, 5), 2, 64, (None, 1, 3)),
+    Problem(2, (2, 6, 5), 2, 64, (1, 1, 1), causal=True),
+    Problem(2, (3, 5, 7), 3, 24, (1, 1, 2), kv_grid=(2, 3, 4)),
+    Problem(1, (2, 6, 5), 2, 8, (0, None, 1), kv_grid=(3, 9, 11)),
+    Problem(2, (1, 11, 13), 2, 40, (0, 3, 3), causal=True),
+    Problem(1, (5, 3, 3), 2, 16, (2, 0, 0)),
+]
