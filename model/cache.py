@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from nuwa3dna.kernels.geometry import centre_int, resolve_extent
 
-from .tasks import Formation
+from nuwa3dna.model.tasks import Formation
 
 
 def window_index(p: int, grid, extent, device=None) -> torch.Tensor:

@@ -5,7 +5,7 @@ downsampling VQ tokenizer (8 x 8 tokens per frame, 256 codes), dim 128, 2+2
 encoder layers (text, visual) and 4 decoder layers. That trains on 2 CPU cores
 in tens of minutes and samples a 256-token video in a few seconds.
 
-Extents are per modality and per axis (t, h, w), radii as in SPEC.md section 1
+Extents are per modality and per axis (t, h, w), radii as in docs/design.md
 (None = the whole axis). An extent on an axis of size 1 (an image's time axis,
 text's t and h axes) is capped to 0 by 3DNA itself, so image and video targets
 share the decoder's self-attention extent's meaning.
@@ -30,7 +30,7 @@ def _default_sketch_classes() -> int:
     each other at module load time.
     """
     try:
-        from .data import NUM_SKETCH_CLASSES
+        from nuwa3dna.model.data import NUM_SKETCH_CLASSES
         return int(NUM_SKETCH_CLASSES)
     except ImportError:
         return 8

@@ -29,8 +29,8 @@ from torch import nn
 
 from nuwa3dna import NearbyAttention3D
 
-from .tasks import IMAGE_TASKS, TASKS, Formation, none_ids, task_index, visual_kind
-from .text import TEXT_VOCAB
+from nuwa3dna.model.tasks import IMAGE_TASKS, TASKS, Formation, none_ids, task_index, visual_kind
+from nuwa3dna.model.text import TEXT_VOCAB
 
 
 class FeedForward(nn.Module):

@@ -1,6 +1,6 @@
 """A deterministic oracle: reads colour, shape, position and motion back from pixels.
 
-Used by the evaluation (nuwa3dna/evaluate.py) to score generated images and
+Used by the evaluation (model/cli/evaluate.py) to score generated images and
 videos against the known parameters of the "moving shapes" data (model/data.py).
 
 How it reads a (T, 3, H, W) video in [0, 1]:
@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .data import (BACKGROUND, COLOR_NAMES, COLORS, SHAPES, DataConfig, ShapeParams, shape_mask)
+from nuwa3dna.model.data import (BACKGROUND, COLOR_NAMES, COLORS, SHAPES, DataConfig, ShapeParams, shape_mask)
 
 FG_THRESHOLD = 0.3
 COLOR_RADIUS = 0.33

@@ -27,8 +27,8 @@ try:                                   # tqdm is in the "model" extra; sampling 
 except ImportError:                    # pragma: no cover - tqdm is installed here
     tqdm = None
 
-from .cache import DecoderCache
-from .tasks import Formation, null_condition, task_index
+from nuwa3dna.model.cache import DecoderCache
+from nuwa3dna.model.tasks import Formation, null_condition, task_index
 
 
 def check_sampling_args(temperature, top_k, top_p, cond_scale, generator):

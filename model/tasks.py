@@ -1,4 +1,4 @@
-"""The eight NÜWA tasks as input formations (MODEL.md table).
+"""The eight NÜWA tasks as input formations (the task table of docs/design.md).
 
 Every task is run by the same network with the same two condition streams:
 
@@ -115,7 +115,7 @@ class Formation:
 
 def none_ids(config) -> Tuple[int, int]:
     """(text NONE id, visual NONE id)."""
-    from .text import NONE_ID
+    from nuwa3dna.model.text import NONE_ID
     return NONE_ID, config.vq_codebook_size + config.sketch_codebook_size
 
 
@@ -170,7 +170,7 @@ def null_condition(f: Formation, config) -> Formation:
 
 def random_formation(task: str, config, batch: int, generator: Optional[torch.Generator] = None):
     """(formation, target tokens) of random ids for ``task`` at ``config``'s sizes: tests and benchmarks."""
-    from .text import TEXT_VOCAB
+    from nuwa3dna.model.text import TEXT_VOCAB
     c, g = config, generator
     T, h, w = output_grid(task, c)
     Ts, hs, ws = (T, *c.sketch_grid[1:])

@@ -2,7 +2,7 @@
 formations, "triton" -- the interpreter on CPU) agrees:
 same logits, same loss and same parameter gradients (fp32) for every one of the eight task formations.
 
-Dense is the ground truth of 3DNA (SPEC.md section 1); the tiny config's extents are smaller than
+Dense is the ground truth of 3DNA (docs/design.md); the tiny config's extents are smaller than
 its grids on every axis, so windows are clipped, causal and rescaled (sketch 2x2 -> target 4x4).
 """
 import pytest
