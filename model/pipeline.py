@@ -1,6 +1,6 @@
 """``NuwaPipeline``: tokenizers + NÜWA in one module, with training loss, generation and checkpoints.
 
-Inputs (see /work/notes/model_interface.md): pixels are floats in [0, 1],
+Inputs (docs/design.md): pixels are floats in [0, 1],
 videos (B, T, 3, H, W), images (B, 1, 3, H, W); sketches are long class maps
 (B, T, H, W); text is a list of str (a bare str is a batch of one).
 
@@ -17,8 +17,8 @@ optimise ``pipeline.nuwa.parameters()`` for the transformer.
 ``config.v2v_given_frames`` frames of ``video`` and predicts the others.
 
 Checkpoints: ``save(dir)`` writes ``config.json`` and ``model.safetensors``
-(the whole state dict, tokenizers' codebooks included); ``load(dir)`` reads
-them back without pickle. Untested: loading across torch versions and devices
+(the whole state dict, tokenizers' codebooks included), each atomically
+(model/weights.py); ``load(dir)`` reads them back without pickle. Untested: loading across torch versions and devices
 other than CPU (``map_location`` is a plain device string).
 """
 from __future__ import annotations
@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import NuwaConfig
-from .nuwa import Nuwa
-from .tasks import (GENERATE_INPUTS, IMAGE_TASKS, SKETCH_TASKS, SOURCE_TASKS, TEXT_TASKS, TRAIN_INPUTS,
-                    check_task, drop_condition, form, output_grid)
-from .text import ByteTextTokenizer
-from .vq import SketchTokenizer, VQTokenizer
+from nuwa3dna.model.config import NuwaConfig
+from nuwa3dna.model.nuwa import Nuwa
+from nuwa3dna.model.tasks import (GENERATE_INPUTS, IMAGE_TASKS, SKETCH_TASKS, SOURCE_TASKS, TEXT_TASKS,
+                                  TRAIN_INPUTS, check_task, drop_condition, form, output_grid)
+from nuwa3dna.model.text import ByteTextTokenizer
+from nuwa3dna.model.vq import SketchTokenizer, VQTokenizer
+from nuwa3dna.model.weights import load_tensors, module_tensors, save_json, save_tensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -229,7 +230,7 @@ class NuwaPipeline(nn.Module):
         Inputs hold one example (batch 1, or a bare str for text), repeated for
         each sample, or exactly ``num_samples`` examples.
         """
-        from .sampling import sample_tokens
+        from nuwa3dna.model.sampling import sample_tokens
         check_task(task)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples=}")
@@ -269,16 +270,13 @@ class NuwaPipeline(nn.Module):
 
     # ---- checkpoints ------------------------------------------------------------------
     def save(self, directory) -> None:
-        from safetensors.torch import save_file
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_FILE), "w") as fh:
-            fh.write(self.config.to_json())
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "nuwa3dna-pipeline"})
+        save_json(os.path.join(directory, CONFIG_FILE), self.config.to_json())
+        save_tensors(os.path.join(directory, WEIGHTS_FILE), module_tensors(self),
+                     metadata={"format": "nuwa3dna-pipeline"})
 
     @classmethod
     def load(cls, directory, map_location: str = "cpu") -> "NuwaPipeline":
-        from safetensors.torch import load_file
         cfg_path = os.path.join(directory, CONFIG_FILE)
         w_path = os.path.join(directory, WEIGHTS_FILE)
         for p in (cfg_path, w_path):
@@ -289,10 +287,7 @@ class NuwaPipeline(nn.Module):
                 config = NuwaConfig.from_dict(json.load(fh))
         except (ValueError, TypeError) as e:   # JSONDecodeError is a ValueError
             raise ValueError(f"corrupt or mismatched config file {cfg_path}: {e}") from e
-        try:
-            state = load_file(w_path, device=map_location)
-        except Exception as e:                 # safetensors raises its own error types
-            raise ValueError(f"corrupt or truncated weights file {w_path}: {e}") from e
+        state = load_tensors(w_path, device=map_location)
         pipe = cls(config=config)
         own = pipe.state_dict()
         missing = sorted(set(own) - set(state))
