@@ -24,3 +24,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def app_config():
+    """Factory of the tiny NuwaConfig of the command-line and training tests
+    (tests/test_cli.py, tests/test_ddp.py): the shipped frame sizes (32 px, 4
+    frames) with dim 32 and one layer per stack; keyword arguments override fields."""
+    from nuwa3dna.model.config import NuwaConfig
+    base = dict(dim=32, enc_depth=1, dec_depth=1, heads=2, dim_head=16, vq_hidden=16, vq_codebook_size=32,
+                vq_codebook_dim=8, sketch_hidden=8, sketch_codebook_size=16, sketch_codebook_dim=8,
+                v2v_given_frames=2)
+    return lambda **overrides: NuwaConfig(**{**base, **overrides})

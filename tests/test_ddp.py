@@ -1,4 +1,4 @@
-"""DistributedDataParallel training (nuwa3dna/train.py) equals one process on the combined batch.
+"""DistributedDataParallel training (model/cli/train.py) equals one process on the combined batch.
 
 Two CPU processes (torchrun, gloo) with batch 2 each must end with the same
 parameters as one process with batch 4: rank r reads samples
@@ -15,11 +15,10 @@ import sys
 import pytest
 import torch
 
-from nuwa3dna.model.config import NuwaConfig
+from nuwa3dna.model.cli.train import build_parser, train
+from nuwa3dna.model.pipeline import NuwaPipeline
 
-TINY = dict(dim=32, enc_depth=1, dec_depth=1, heads=2, dim_head=16, vq_hidden=16, vq_codebook_size=32,
-            vq_codebook_dim=8, sketch_hidden=8, sketch_codebook_size=16, sketch_codebook_dim=8,
-            text_len=32, v2v_given_frames=2, cond_drop=0.0)
+DDP_OVERRIDES = dict(text_len=32, cond_drop=0.0)    # on top of conftest's app_config
 
 
 def _free_port() -> int:
@@ -29,11 +28,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, app_config):
+    from nuwa3dna.model.cli.train_stages import SKETCH_TOKENIZER_FILE, TOKENIZER_FILE
     from nuwa3dna.model.vq import SketchTokenizer, VQTokenizer
-    from nuwa3dna.train import SKETCH_TOKENIZER_FILE, TOKENIZER_FILE, save_module
+    from nuwa3dna.model.weights import save_module
     d = tmp_path_factory.mktemp("ddp")
-    cfg = NuwaConfig(**TINY)
+    cfg = app_config(**DDP_OVERRIDES)
     (d / "config.json").write_text(cfg.to_json())
     torch.manual_seed(0)
     save_module(VQTokenizer.from_config(cfg), str(d / TOKENIZER_FILE))
@@ -48,11 +48,10 @@ def _args(d, out, batch):
             "--tasks", "t2v,s2i,tv2v"]
 
 
-def test_two_processes_match_one(tiny_run):
+def test_two_processes_match_one(tiny_run, app_config):
     """Also with the caption-contrast loss on the t2v steps: a per-sample mean, so the two
     ranks' halves average to the whole batch's as well."""
     from safetensors.torch import load_file
-    from nuwa3dna.train import build_parser, train
     d = tiny_run
     contrast = ["--caption-contrast", "0.5"]
     single = train(build_parser().parse_args(_args(d, d / "single", 4) + contrast))
@@ -72,9 +71,8 @@ def test_two_processes_match_one(tiny_run):
             continue
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     # The runs did train: the decoder's parameters left their initialisation.
-    from nuwa3dna.model.pipeline import NuwaPipeline
     torch.manual_seed(0)
-    fresh = NuwaPipeline(config=NuwaConfig(**TINY)).state_dict()
+    fresh = NuwaPipeline(config=app_config(**DDP_OVERRIDES)).state_dict()
     moved = sum(int(not torch.equal(fresh[k], a[k])) for k in a if k.startswith("nuwa."))
     assert moved > 10
     assert single["steps"] == 3 and single["world_size"] == 1
@@ -85,7 +83,6 @@ def test_resume_continues_the_same_run(tiny_run, tmp_path, optimizer):
     """3 steps in one go == 1 step (stopped by --time-limit 0), then --resume to 3:
     data and schedule are functions of the step, optimiser state is restored."""
     from safetensors.torch import load_file
-    from nuwa3dna.train import build_parser, train
     d = tiny_run
     full = _args(d, tmp_path / "full", 2) + ["--optimizer", optimizer]
     train(build_parser().parse_args(full))
@@ -99,13 +96,11 @@ def test_resume_continues_the_same_run(tiny_run, tmp_path, optimizer):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
 
 
-def test_init_fine_tunes_a_saved_pipeline(tiny_run, tmp_path):
+def test_init_fine_tunes_a_saved_pipeline(tiny_run, tmp_path, app_config):
     """--init starts from a NuwaPipeline checkpoint: the decoder moves, the frozen tokenizers do not."""
     from safetensors.torch import load_file
-    from nuwa3dna.model.pipeline import NuwaPipeline
-    from nuwa3dna.train import build_parser, train
     torch.manual_seed(3)
-    NuwaPipeline(config=NuwaConfig(**TINY)).save(str(tmp_path / "start"))
+    NuwaPipeline(config=app_config(**DDP_OVERRIDES)).save(str(tmp_path / "start"))
     argv = _args(tiny_run, tmp_path / "ft", 2) + ["--init", str(tmp_path / "start"), "--steps", "2"]
     assert train(build_parser().parse_args(argv))["steps"] == 2
     a = load_file(str(tmp_path / "start" / "model.safetensors"))
@@ -116,14 +111,12 @@ def test_init_fine_tunes_a_saved_pipeline(tiny_run, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("nuwa."))
 
 
-def test_init_add_rotary_keeps_the_weights(tiny_run, tmp_path):
+def test_init_add_rotary_keeps_the_weights(tiny_run, tmp_path, app_config):
     """--add-rotary: the fine-tune's checkpoint has rotary self-attention (config and frequencies);
     at step 0 (lr 0) every old weight is unchanged, and --add-rotary without --init is refused."""
     from safetensors.torch import load_file
-    from nuwa3dna.model.pipeline import NuwaPipeline
-    from nuwa3dna.train import build_parser, train
     torch.manual_seed(4)
-    NuwaPipeline(config=NuwaConfig(**TINY, rotary=False)).save(str(tmp_path / "start"))
+    NuwaPipeline(config=app_config(**DDP_OVERRIDES, rotary=False)).save(str(tmp_path / "start"))
     argv = _args(tiny_run, tmp_path / "ft", 2) + ["--init", str(tmp_path / "start"), "--add-rotary",
                                                   "--steps", "1", "--lr", "0", "--min-lr-ratio", "0"]
     train(build_parser().parse_args(argv))
