@@ -1,4 +1,4 @@
-"""``python -m nuwa3dna.evaluate``: entry shim; the command lives in nuwa3dna.model.cli.evaluate (model/cli/evaluate.py)."""
+"""Entry shim of ``python -m nuwa3dna.evaluate``: the command is model/cli/evaluate.py (nuwa3dna.model.cli.evaluate)."""
 import sys
 
 from nuwa3dna.model.cli.evaluate import main

@@ -1,4 +1,4 @@
-"""``python -m nuwa3dna.generate``: entry shim; the command lives in nuwa3dna.model.cli.generate (model/cli/generate.py)."""
+"""Entry shim of ``python -m nuwa3dna.generate``: the command is model/cli/generate.py (nuwa3dna.model.cli.generate)."""
 import sys
 
 from nuwa3dna.model.cli.generate import main

@@ -1,4 +1,4 @@
-"""``python -m nuwa3dna.train``: entry shim; the command lives in nuwa3dna.model.cli.train (model/cli/train.py)."""
+"""Entry shim of ``python -m nuwa3dna.train``: the command is model/cli/train.py (nuwa3dna.model.cli.train)."""
 import sys
 
 from nuwa3dna.model.cli.train import main
