@@ -2,7 +2,7 @@
 
 ``python -m nuwa3dna.kernels.report [--quick] [--json]`` compiles every kernel
 (forward, preprocess, dK/dV, dQ) for sm_90 and sm_80 with exactly the launch
-configuration the launchers pick (``nearby.*_launch`` build the arguments,
+configuration the launchers pick (``triton.launch.*_launch`` build the arguments,
 block sizes, num_warps and num_stages; nothing is restated here), for head
 dims 16/32/64/128/256 and float16/bfloat16/float32, on the GPU workloads of
 SPEC.md (``gpu-large``: non-causal, ``nuwa-video``: causal). It prints per
@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import sys
 
-if "nuwa3dna.kernels.nearby" not in sys.modules:
+if "nuwa3dna.kernels.triton.jit" not in sys.modules:
     # The interpreter replaces jit functions by Python ones that cannot be compiled.
     os.environ["TRITON_INTERPRET"] = "0"
 
@@ -40,9 +40,10 @@ import triton
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.autotuner import Heuristics
 
-from nuwa3dna.kernels import nearby
 from nuwa3dna.kernels.problems import WORKLOADS
+from nuwa3dna.kernels.triton import configs, launch
 
 ARCHS = (90, 80)
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -64,14 +65,14 @@ def launch_specs(workload: str, D: int, dtype: torch.dtype, arch: int) -> Dict[s
 
     q, k, v, out, dout, dq = t(p.q_grid), t(p.kv), t(p.kv), t(p.q_grid), t(p.q_grid), t(p.q_grid)
     dk, dv = t(p.kv), t(p.kv)
-    lse = torch.empty(nearby.stats_shape(q), dtype=torch.float32, device="meta")
+    lse = torch.empty(launch.stats_shape(q), dtype=torch.float32, device="meta")
     delta = torch.empty_like(lse)
     specs = {
-        "fwd": nearby.fwd_launch(q, k, v, out, lse, extent, p.causal, scale, arch),
-        "preprocess": nearby.preprocess_launch(q, out, dout, delta, arch),
-        "dq": nearby.dq_launch(q, k, v, dout, lse, delta, dq, extent, p.causal, scale, arch),
+        "fwd": launch.fwd_launch(q, k, v, out, lse, extent, p.causal, scale, arch),
+        "preprocess": launch.preprocess_launch(q, out, dout, delta, arch),
+        "dq": launch.dq_launch(q, k, v, dout, lse, delta, dq, extent, p.causal, scale, arch),
     }
-    dkdv = nearby.dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, p.causal, scale, arch)
+    dkdv = launch.dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, p.causal, scale, arch)
     if len(dkdv) == 1:
         specs["dkdv"] = dkdv[0]
     else:
@@ -82,12 +83,12 @@ def launch_specs(workload: str, D: int, dtype: torch.dtype, arch: int) -> Dict[s
 def _source(spec):
     """ASTSource + options of a launch spec, specialised as Triton's launcher would."""
     kernel, _grid, args, meta = spec
-    jit = kernel.fn                                   # Heuristics -> JITFunction
+    jit = kernel.fn if isinstance(kernel, Heuristics) else kernel
     meta = dict(meta)
     options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
     bound = dict(zip(jit.arg_names, args))
     bound.update(meta)
-    for name, rule in kernel.values.items():
+    for name, rule in getattr(kernel, "values", {}).items():
         bound[name] = rule(bound)
     signature, constexprs, attrs = {}, {}, {}
     for i, prm in enumerate(jit.params):
@@ -157,7 +158,7 @@ def report(workloads=REPORT_WORKLOADS, head_dims=HEAD_DIMS, dtypes=DTYPES, archs
             for dt in dtypes:
                 for arch in archs:
                     specs = launch_specs(wl, D, dt, arch)
-                    cfgs = nearby.pick_configs(p.q_grid, p.kv, p.resolved_extent, D, dt, arch)
+                    cfgs = configs.pick_configs(p.q_grid, p.kv, p.resolved_extent, D, dt, arch)
                     for name, spec in specs.items():
                         if name.split(":")[0] not in kernels:
                             continue

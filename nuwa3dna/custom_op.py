@@ -1,4 +1,4 @@
-"""3DNA backends as ``torch.library`` custom ops, so that ``torch.compile``
+"""The torch path as ``torch.library`` custom ops, so that ``torch.compile``
 (fullgraph=True) traces ``nearby_attention`` and ``NearbyAttention3D`` without
 graph breaks: each op is opaque to Dynamo, has a fake (meta) implementation for
 shape propagation and an autograd formula registered with ``register_autograd``.
@@ -8,12 +8,9 @@ validation here, ``nearby_attention`` validates before calling them):
 
 * ``nuwa3dna::torch_fwd(q, k, v, extent, causal, scale) -> (out, lse)``
 * ``nuwa3dna::torch_bwd(dout, q, k, v, out, lse, extent, causal, scale) -> (dq, dk, dv)``
-* ``nuwa3dna::triton_fwd`` / ``nuwa3dna::triton_bwd``: the same for the Triton
-  kernels (``nuwa3dna.kernels.nearby``), imported lazily so that this module
-  loads without a GPU.
 
-Untested here: the Triton ops under torch.compile on a GPU (tests run on CPU,
-where the Triton ops only run under the interpreter, eagerly).
+The Triton backend's ops (``nuwa3dna::triton_fwd`` / ``triton_bwd``) live in
+``nuwa3dna.kernels.triton.op``.
 """
 from __future__ import annotations
 
@@ -50,7 +47,7 @@ def torch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
 
 
 def _fake_grads(dout, q, k, v, out, lse, extent, causal, scale):
-    """Shapes of (dq, dk, dv) for both backward ops: contiguous, like q, k, v."""
+    """Shapes of (dq, dk, dv): contiguous, like q, k, v."""
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -76,52 +73,7 @@ def _torch_backward(ctx, dout, _dlse):
 torch_fwd.register_autograd(_torch_backward, setup_context=_setup_context)
 
 
-# ---------------------------------------------------------------- Triton path
-
-def _kernels():
-    from .kernels import nearby
-    return nearby
-
-
-@torch.library.custom_op("nuwa3dna::triton_fwd", mutates_args=())
-def triton_fwd(q: Tensor, k: Tensor, v: Tensor, extent: List[int], causal: bool,
-               scale: float) -> Tuple[Tensor, Tensor]:
-    return _kernels().nearby_attention_forward(q, k, v, tuple(extent), causal, scale)
-
-
-@triton_fwd.register_fake
-def _(q, k, v, extent, causal, scale):
-    lse_shape = tuple(_kernels().stats_shape(q))
-    return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        q.new_empty(lse_shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("nuwa3dna::triton_bwd", mutates_args=())
-def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-               extent: List[int], causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    # The kernels read dout with its strides; a contiguous copy keeps them off
-    # the broadcast (stride-0) gradients autograd sometimes hands over.
-    return _kernels().nearby_attention_backward(q, k, v, out, lse, dout.contiguous(),
-                                                tuple(extent), causal, scale)
-
-
-triton_bwd.register_fake(_fake_grads)
-
-
-def _triton_backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = triton_bwd(dout, q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None
-
-
-triton_fwd.register_autograd(_triton_backward, setup_context=_setup_context)
-
-
 def torch_op(q, k, v, extent, causal: bool, scale: float) -> Tensor:
     """The torch path through its custom op (differentiable, compilable)."""
     return torch_fwd(q, k, v, [int(e) for e in extent], bool(causal), float(scale))[0]
 
-
-def triton_op(q, k, v, extent, causal: bool, scale: float) -> Tensor:
-    """The Triton path through its custom op (differentiable, compilable)."""
-    return triton_fwd(q, k, v, [int(e) for e in extent], bool(causal), float(scale))[0]

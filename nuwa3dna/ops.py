@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from nuwa3dna.checks import check_inputs
-from nuwa3dna.custom_op import torch_op, triton_op
+from nuwa3dna.custom_op import torch_op
 from nuwa3dna.kernels.geometry import resolve_extent
 from nuwa3dna.reference import dense_nearby_attention
 from nuwa3dna.torch_path import torch_nearby_attention
@@ -32,7 +32,8 @@ def nearby_attention(q, k, v, extent, causal=False, scale=None, backend="auto"):
     # Both fast paths go through torch.library custom ops (custom_op.py), so
     # torch.compile(fullgraph=True) sees one opaque op with a fake and a backward.
     if backend == "triton":
-        return triton_op(q, k, v, extent, causal, scale)
+        from nuwa3dna.kernels.triton.op import triton_attention
+        return triton_attention(q, k, v, extent, causal, scale)
     if q.device.type == "cpu":
         return torch_op(q, k, v, extent, causal, scale)
     return torch_nearby_attention(q, k, v, extent, causal, scale)

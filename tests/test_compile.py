@@ -8,7 +8,6 @@ Untested here: the Triton custom ops under compile (needs a GPU).
 import torch
 from torch.library import opcheck
 
-import nuwa3dna.custom_op  # noqa: F401  (registers the ops)
 from nuwa3dna import NearbyAttention3D, nearby_attention
 from nuwa3dna.problems import Problem
 
@@ -62,6 +61,7 @@ def test_opcheck_triton_op_under_interpreter(gen):
     from nuwa3dna.checks import interpreter_enabled
     if not (torch.cuda.is_available() or interpreter_enabled()):
         pytest.skip("Triton needs CUDA or the interpreter")
+    import nuwa3dna.kernels.triton.op  # noqa: F401  (registers the Triton ops)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v = (x.to(device).requires_grad_(True) for x in P.make(torch.float32, generator=gen))
     opcheck(torch.ops.nuwa3dna.triton_fwd.default, (q, k, v, [1, 1, 1], True, 0.3))

@@ -57,7 +57,7 @@ def test_wgmma_on_sm90_for_16bit(rows):
 
 def test_report_uses_the_launch_configs(rows):
     """The table's warps/stages/tiles are the launchers' choice (one function picks both)."""
-    from nuwa3dna.kernels.nearby import pick_configs
+    from nuwa3dna.kernels.triton.configs import pick_configs
     from nuwa3dna.problems import WORKLOADS
 
     import torch

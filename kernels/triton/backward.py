@@ -1,0 +1,208 @@
+"""The 3DNA backward kernels (FlashAttention-2): preprocess, dK/dV, dQ.
+
+``delta = rowsum(dO * O)`` in a preprocess kernel; dK/dV with one program
+per 3D key tile that walks the query tiles whose windows reach it (the
+inverse of the rescaled centre map, as ``geometry.query_range``; causal skips
+a head of that walk); dQ walks the forward's key box (``jit.query_walk``).
+Every output element is written by exactly one program: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from nuwa3dna.kernels.triton.jit import (
+    C_LOG2E, RUNTIME_SIZES, dot, dot_acc, key_mask, key_tile, load_rows, program_tile, query_range,
+    query_walk, store_rows, tile_coords, tile_mask, token_offsets)
+
+
+@triton.jit(do_not_specialize=("T", "H", "W", "n_heads"))
+def bwd_preprocess_kernel(
+    O, DO, DELTA,
+    so_b, so_t, so_h, so_w, so_n, so_d,
+    sdo_b, sdo_t, sdo_h, sdo_w, sdo_n, sdo_d,
+    T, H, W, n_heads, D,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """delta = rowsum(dO * O) in float32, BLOCK_N queries (raster order) per program.
+
+    Pointers: O, DO (B, T, H, W, heads, D) any strides (dO may be broadcast,
+    stride 0); DELTA float32 (B, heads, T, H, W) contiguous.
+    Grid: (B * heads * cdiv(T*H*W, BLOCK_N),).
+    """
+    pid = tl.program_id(0)
+    n_q = T * H * W
+    n_blocks = tl.cdiv(n_q, BLOCK_N)
+    bh = pid // n_blocks
+    r = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)              # [BLOCK_N] raster
+    ok = r < n_q
+    t = r // (H * W)
+    h = (r // W) % H
+    w = r % W
+    b = (bh // n_heads).to(tl.int64)
+    hd = (bh % n_heads).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = load_rows(O + b * so_b + hd * so_n, token_offsets(t, h, w, so_t, so_h, so_w), ok,
+                  offs_d, so_d, D, EVEN_D).to(tl.float32)               # [BLOCK_N, BLOCK_D]
+    do = load_rows(DO + b * sdo_b + hd * sdo_n, token_offsets(t, h, w, sdo_t, sdo_h, sdo_w), ok,
+                   offs_d, sdo_d, D, EVEN_D).to(tl.float32)             # [BLOCK_N, BLOCK_D]
+    tl.store(DELTA + bh.to(tl.int64) * n_q + r, tl.sum(o * do, 1), mask=ok)
+
+
+@triton.jit(do_not_specialize=RUNTIME_SIZES)
+def bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sq_b, sq_t, sq_h, sq_w, sq_n, sq_d,
+    sk_b, sk_t, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_t, sv_h, sv_w, sv_n, sv_d,
+    sdo_b, sdo_t, sdo_h, sdo_w, sdo_n, sdo_d,
+    sdk_b, sdk_t, sdk_h, sdk_w, sdk_n, sdk_d,
+    sdv_b, sdv_t, sdv_h, sdv_w, sdv_n, sdv_d,
+    T, H, W, T2, H2, W2, ET, EH, EW, n_heads, D, scale, qk_scale,
+    BH: tl.constexpr, BW: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
+    DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+):
+    """dK, dV of one 3D key tile (KT x KH x KW), summed over every query whose window reaches it.
+
+    DO_DK / DO_DV select the outputs: both in one pass normally; at head dim
+    256 two fp32 [64, 256] accumulators (256 registers/thread on one
+    warpgroup) cannot fit, so the launcher runs a dK pass and a dV pass.
+
+    Pointers: Q, DO (B, T, H, W, heads, D); K, V, DK, DV (B, T2, H2, W2, heads, D);
+    any strides; LSE (natural) and DELTA float32 (B, heads, T, H, W) contiguous.
+    The queries are walked in 1 x BH x BW tiles over the ranges of
+    ``geometry.query_range`` per axis (rescaled centres inverted).
+    Grid: (B * heads * cdiv(T2, KT) * cdiv(H2, KH) * cdiv(W2, KW),).
+    """
+    BLOCK_Q: tl.constexpr = BH * BW
+    BLOCK_K: tl.constexpr = KT * KH * KW
+    bh, b, hd, a0, b0, c0, a_last, b_last, c_last = program_tile(tl.program_id(0), T2, H2, W2, n_heads,
+                                                                 KT, KH, KW)
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    kt, kh, kw = tile_coords(tl.arange(0, BLOCK_K), a0, b0, c0, KT, KH, KW)  # [BLOCK_K] each
+    k_ok = (kt < T2) & (kh < H2) & (kw < W2)                            # [BLOCK_K]
+    k = load_rows(K + b * sk_b + hd * sk_n, token_offsets(kt, kh, kw, sk_t, sk_h, sk_w), k_ok,
+                  offs_d, sk_d, D, EVEN_D)                              # [BLOCK_K, BLOCK_D]
+    if DO_DK:
+        v = load_rows(V + b * sv_b + hd * sv_n, token_offsets(kt, kh, kw, sv_t, sv_h, sv_w), k_ok,
+                      offs_d, sv_d, D, EVEN_D)                          # [BLOCK_K, BLOCK_D]
+    Q += b * sq_b + hd * sq_n
+    DO += b * sdo_b + hd * sdo_n
+    LSE += bh.to(tl.int64) * (T * H * W)
+    DELTA += bh.to(tl.int64) * (T * H * W)
+    rk = (kt * H2 + kh) * W2 + kw                                       # [BLOCK_K] raster
+    # Per key, the queries that see it per axis (loop invariant, half-open).
+    qt0, qt1 = query_range(kt, kt, T, T2, ET)                 # [BLOCK_K] each
+    qh0, qh1 = query_range(kh, kh, H, H2, EH)
+    qw0, qw1 = query_range(kw, kw, W, W2, EW)
+    ih = offs_q // BW                                                   # [BLOCK_Q] row in query tile
+    iw = offs_q % BW                                                    # [BLOCK_Q]
+    ihw = ih * W + iw                                                   # [BLOCK_Q] raster offset in tile
+
+    dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)                       # [BLOCK_K, BLOCK_D]
+    dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)                       # [BLOCK_K, BLOCK_D]
+
+    t_lo, t_hi = query_range(a0, a_last, T, T2, ET)
+    h_lo, h_hi = query_range(b0, b_last, H, H2, EH)
+    w_lo, w_hi = query_range(c0, c_last, W, W2, EW)
+    n_h = tl.cdiv(h_hi - h_lo, BH)
+    n_w = tl.cdiv(w_hi - w_lo, BW)
+    start = 0
+    if CAUSAL:
+        # Same grid, so a0, b0, c0 lie in their query ranges. The query tiles wholly
+        # before the key tile's first key (a0, b0, c0) are a head of the raster order:
+        # frames before a0, in frame a0 the row tiles ending above row b0, and, in a
+        # row tile ending exactly at b0, the column tiles ending left of c0.
+        skip_h = (b0 - h_lo) // BH
+        ends_at_b0 = tl.minimum(h_lo + (skip_h + 1) * BH, h_hi) - 1 == b0
+        skip_w = tl.where(ends_at_b0, (c0 - w_lo) // BW, 0)
+        start = (a0 - t_lo) * n_h * n_w + skip_h * n_w + skip_w
+    # One flat loop over query tiles (frame, row tile, column tile in raster order).
+    for it in range(start, (t_hi - t_lo) * n_h * n_w):
+        t = t_lo + it // (n_h * n_w)
+        h = h_lo + ((it // n_w) % n_h) * BH
+        w = w_lo + (it % n_w) * BW
+        frame_ok = (t >= qt0) & (t < qt1) & k_ok                        # [BLOCK_K]
+        qh = h + ih                                                     # [BLOCK_Q]
+        qw = w + iw                                                     # [BLOCK_Q]
+        # Queries past the range ends see nothing of this key tile.
+        q_ok = (qh < h_hi) & (qw < w_hi)                                # [BLOCK_Q]
+        q = load_rows(Q, token_offsets(t, qh, qw, sq_t, sq_h, sq_w), q_ok,
+                      offs_d, sq_d, D, EVEN_D)                          # [BLOCK_Q, BLOCK_D]
+        do = load_rows(DO, token_offsets(t, qh, qw, sdo_t, sdo_h, sdo_w), q_ok,
+                       offs_d, sdo_d, D, EVEN_D)                        # [BLOCK_Q, BLOCK_D]
+        rq = (t * H + qh) * W + qw                                      # [BLOCK_Q]
+        lse2 = tl.load(LSE + rq, mask=q_ok, other=0.0) * C_LOG2E        # [BLOCK_Q]
+        # The range ends h_hi, w_hi also hide the tile's queries past them.
+        vis_t = tile_mask(frame_ok, qh0 - h, tl.minimum(qh1, h_hi) - h - 1,
+                          qw0 - w, tl.minimum(qw1, w_hi) - w - 1, ih, iw)  # [BLOCK_K, BLOCK_Q]
+        if CAUSAL:
+            vis_t = vis_t & (ihw[None, :] >= (rk - ((t * H + h) * W + w))[:, None])
+        s_t = dot(k, tl.trans(q), UPCAST_DOT) * qk_scale                # [BLOCK_K, BLOCK_Q]
+        p_t = tl.where(vis_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)   # [BLOCK_K, BLOCK_Q]
+        if DO_DV:
+            dv = dot_acc(dv, p_t, do, UPCAST_DOT)                       # [BLOCK_K, BLOCK_D]
+        if DO_DK:
+            delta = tl.load(DELTA + rq, mask=q_ok, other=0.0)           # [BLOCK_Q]
+            dp_t = dot(v, tl.trans(do), UPCAST_DOT)                     # [BLOCK_K, BLOCK_Q]
+            ds_t = p_t * (dp_t - delta[None, :])                        # [BLOCK_K, BLOCK_Q]
+            dk = dot_acc(dk, ds_t, q, UPCAST_DOT)                       # [BLOCK_K, BLOCK_D]
+
+    if DO_DK:
+        store_rows(DK + b * sdk_b + hd * sdk_n, token_offsets(kt, kh, kw, sdk_t, sdk_h, sdk_w), k_ok,
+                   offs_d, sdk_d, D, (dk * scale).to(DK.dtype.element_ty), EVEN_D)
+    if DO_DV:
+        store_rows(DV + b * sdv_b + hd * sdv_n, token_offsets(kt, kh, kw, sdv_t, sdv_h, sdv_w), k_ok,
+                   offs_d, sdv_d, D, dv.to(DV.dtype.element_ty), EVEN_D)
+
+
+@triton.jit(do_not_specialize=RUNTIME_SIZES)
+def bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sq_b, sq_t, sq_h, sq_w, sq_n, sq_d,
+    sk_b, sk_t, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_t, sv_h, sv_w, sv_n, sv_d,
+    sdo_b, sdo_t, sdo_h, sdo_w, sdo_n, sdo_d,
+    sdq_b, sdq_t, sdq_h, sdq_w, sdq_n, sdq_d,
+    T, H, W, T2, H2, W2, ET, EH, EW, n_heads, D, scale, qk_scale,
+    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """dQ of one 3D query tile: walks the same key box and 1 x KH x KW key tiles as the forward.
+
+    Pointers: Q, DO, DQ (B, T, H, W, heads, D); K, V (B, T2, H2, W2, heads, D);
+    any strides; LSE (natural) and DELTA float32 (B, heads, T, H, W) contiguous.
+    Grid: (B * heads * cdiv(T, BT) * cdiv(H, BH) * cdiv(W, BW),).
+    """
+    BLOCK_Q: tl.constexpr = BT * BH * BW
+    bh, b, hd, qt, qh, qw, q_ok, rq, walk, n_iter = query_walk(
+        tl.program_id(0), T, H, W, T2, H2, W2, ET, EH, EW, n_heads, BT, BH, BW, KH, KW, CAUSAL)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_rows(Q + b * sq_b + hd * sq_n, token_offsets(qt, qh, qw, sq_t, sq_h, sq_w),
+                  q_ok, offs_d, sq_d, D, EVEN_D)                        # [BLOCK_Q, BLOCK_D]
+    do = load_rows(DO + b * sdo_b + hd * sdo_n, token_offsets(qt, qh, qw, sdo_t, sdo_h, sdo_w),
+                   q_ok, offs_d, sdo_d, D, EVEN_D)                      # [BLOCK_Q, BLOCK_D]
+    row = bh.to(tl.int64) * (T * H * W)
+    lse2 = tl.load(LSE + row + rq, mask=q_ok, other=0.0) * C_LOG2E      # [BLOCK_Q]
+    delta = tl.load(DELTA + row + rq, mask=q_ok, other=0.0)             # [BLOCK_Q]
+    K += b * sk_b + hd * sk_n
+    V += b * sv_b + hd * sv_n
+
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)                       # [BLOCK_Q, BLOCK_D]
+    for it in range(0, n_iter):
+        a, bb, c, kh, kw, k_ok = key_tile(it, walk, H2, W2, KH, KW)
+        k = load_rows(K, token_offsets(a, kh, kw, sk_t, sk_h, sk_w), k_ok,
+                      offs_d, sk_d, D, EVEN_D)                          # [BLOCK_K, BLOCK_D]
+        v = load_rows(V, token_offsets(a, kh, kw, sv_t, sv_h, sv_w), k_ok,
+                      offs_d, sv_d, D, EVEN_D)                          # [BLOCK_K, BLOCK_D]
+        vis = key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL)              # [BLOCK_Q, BLOCK_K]
+        s = dot(q, tl.trans(k), UPCAST_DOT) * qk_scale                  # [BLOCK_Q, BLOCK_K]
+        p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)         # [BLOCK_Q, BLOCK_K]
+        dp = dot(do, tl.trans(v), UPCAST_DOT)                           # [BLOCK_Q, BLOCK_K]
+        ds = p * (dp - delta[:, None])                                  # [BLOCK_Q, BLOCK_K]
+        dq = dot_acc(dq, ds, k, UPCAST_DOT)                             # [BLOCK_Q, BLOCK_D]
+
+    store_rows(DQ + b * sdq_b + hd * sdq_n, token_offsets(qt, qh, qw, sdq_t, sdq_h, sdq_w), q_ok,
+               offs_d, sdq_d, D, (dq * scale).to(DQ.dtype.element_ty), EVEN_D)

@@ -1,0 +1,72 @@
+"""The 3DNA forward kernel: O = softmax over the visible keys of (Q K^T * scale), then V.
+
+Online softmax (FlashAttention-2) in base 2 over the key tiles of the query
+tile's box (``jit.query_walk``, ``jit.key_tile``, ``jit.key_mask``); the natural log-sum-exp is
+saved for the backward.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from nuwa3dna.kernels.triton.jit import (
+    C_LN2, C_NEG_BIG, RUNTIME_SIZES, dot, dot_acc, key_mask, key_tile, load_rows, query_walk, store_rows,
+    token_offsets)
+
+
+@triton.jit(do_not_specialize=RUNTIME_SIZES)
+def fwd_kernel(
+    Q, K, V, O, LSE,
+    sq_b, sq_t, sq_h, sq_w, sq_n, sq_d,
+    sk_b, sk_t, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_t, sv_h, sv_w, sv_n, sv_d,
+    so_b, so_t, so_h, so_w, so_n, so_d,
+    T, H, W, T2, H2, W2, ET, EH, EW, n_heads, D, qk_scale,
+    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """Forward of one query tile (BT x BH x BW queries, BLOCK_Q rows) of one (batch, head).
+
+    Pointers: Q, O (B, T, H, W, heads, D); K, V (B, T2, H2, W2, heads, D), any
+    strides (in elements); LSE float32 (B, heads, T, H, W) contiguous, natural log.
+    ET, EH, EW: resolved radii. qk_scale = scale * log2(e). Key tiles are
+    1 x KH x KW (one key frame per tile, so the frame test is per query row).
+    Grid: (B * heads * cdiv(T, BT) * cdiv(H, BH) * cdiv(W, BW),); consecutive
+    programs are neighbouring query tiles of one (batch, head), whose key boxes
+    overlap, so K/V are reused from L2.
+    """
+    BLOCK_Q: tl.constexpr = BT * BH * BW
+    bh, b, hd, qt, qh, qw, q_ok, rq, walk, n_iter = query_walk(
+        tl.program_id(0), T, H, W, T2, H2, W2, ET, EH, EW, n_heads, BT, BH, BW, KH, KW, CAUSAL)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_rows(Q + b * sq_b + hd * sq_n, token_offsets(qt, qh, qw, sq_t, sq_h, sq_w),
+                  q_ok, offs_d, sq_d, D, EVEN_D)                        # [BLOCK_Q, BLOCK_D]
+    K += b * sk_b + hd * sk_n
+    V += b * sv_b + hd * sv_n
+
+    m_i = tl.full([BLOCK_Q], C_NEG_BIG, tl.float32)                     # [BLOCK_Q] running max (log2)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)                               # [BLOCK_Q] running sum
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)                      # [BLOCK_Q, BLOCK_D]
+    for it in range(0, n_iter):
+        a, bb, c, kh, kw, k_ok = key_tile(it, walk, H2, W2, KH, KW)
+        k = load_rows(K, token_offsets(a, kh, kw, sk_t, sk_h, sk_w), k_ok,
+                      offs_d, sk_d, D, EVEN_D)                          # [BLOCK_K, BLOCK_D]
+        v = load_rows(V, token_offsets(a, kh, kw, sv_t, sv_h, sv_w), k_ok,
+                      offs_d, sv_d, D, EVEN_D)                          # [BLOCK_K, BLOCK_D]
+        s = dot(q, tl.trans(k), UPCAST_DOT) * qk_scale                  # [BLOCK_Q, BLOCK_K]
+        s = tl.where(key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))                           # [BLOCK_Q]
+        p = tl.math.exp2(s - m_new[:, None])                            # [BLOCK_Q, BLOCK_K]
+        alpha = tl.math.exp2(m_i - m_new)                               # [BLOCK_Q]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = dot_acc(acc * alpha[:, None], p, v, UPCAST_DOT)           # [BLOCK_Q, BLOCK_D]
+        m_i = m_new
+
+    # Every query on the grid sees at least its own centre, so l_i > 0 there;
+    # rows off the grid (l_i = 0) are never stored: 1 keeps them finite.
+    l_i = tl.where(q_ok, l_i, 1.0)
+    out = acc / l_i[:, None]                                            # [BLOCK_Q, BLOCK_D]
+    store_rows(O + b * so_b + hd * so_n, token_offsets(qt, qh, qw, so_t, so_h, so_w), q_ok,
+               offs_d, so_d, D, out.to(O.dtype.element_ty), EVEN_D)
+    lse = (m_i + tl.math.log2(l_i)) * C_LN2                             # [BLOCK_Q] natural log
+    tl.store(LSE + bh.to(tl.int64) * (T * H * W) + rq, lse, mask=q_ok)

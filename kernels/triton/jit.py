@@ -1,0 +1,248 @@
+"""``@triton.jit`` helpers shared by the 3DNA kernels: window geometry, tile
+coordinates, strided loads and stores, the float32-accumulating dots, and the
+key walk that the forward and dQ kernels share (``query_walk``, ``key_tile``, ``key_mask``).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Kernels may only read constexpr globals.
+C_LOG2E = tl.constexpr(LOG2E)
+C_LN2 = tl.constexpr(0.6931471805599453)
+# Finite "minus infinity" for the running max: a row whose keys so far are all
+# masked keeps m = -1e30, masked scores are -inf, so exp2(-inf - m) = 0 and
+# exp2(m_old - m_new) is 1 (still masked) or 0 (first visible key): no NaN
+# without a per-tile select. Real scores are > -1e30 for any finite input.
+C_NEG_BIG = tl.constexpr(-1.0e30)
+
+# Triton turns an int argument equal to 1 into a constant and tags multiples of
+# 16: grid sizes, extents and head counts would then compile a new variant per
+# shape class. They only enter integer index arithmetic, so they stay plain
+# runtime ints; strides keep the specialisation (a head-dim stride of 1 is what
+# makes loads vectorise).
+RUNTIME_SIZES = ("T", "H", "W", "T2", "H2", "W2", "ET", "EH", "EW", "n_heads")
+
+
+# ----------------------------------------------------------------------------- window geometry
+
+
+@triton.jit
+def centre(i, n_q, n_kv):
+    """Rescaled centre floor(i * n_kv / n_q) (geometry.centre); i >= 0, so C truncation == floor."""
+    return (i * n_kv) // n_q
+
+
+@triton.jit
+def window(c, e, n):
+    """Window [c - e, c + e] of centre c clipped to the grid [0, n - 1]."""
+    return tl.maximum(c - e, 0), tl.minimum(c + e, n - 1)
+
+
+@triton.jit
+def query_range(k_lo, k_last, n_q, n_kv, e):
+    """Queries [q0, q1) of one axis whose window reaches keys k_lo..k_last (geometry.query_range).
+
+    centre(q) >= k_lo - e  <=>  q >= ceil((k_lo - e) * n_q / n_kv); the numerators
+    are kept >= 0 so C-style integer division is the floor.
+    """
+    lo_c = k_lo - e
+    q0 = tl.where(lo_c <= 0, 0, (lo_c * n_q + n_kv - 1) // n_kv)
+    q1 = tl.minimum(((k_last + e + 1) * n_q + n_kv - 1) // n_kv, n_q)
+    return q0, q1
+
+
+# ----------------------------------------------------------------------------- tiles, loads, stores
+
+
+@triton.jit
+def program_tile(pid, T, H, W, n_heads, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """Program ``pid`` -> (bh, batch, head, tile origin t0, h0, w0, tile last t, h, w).
+
+    Programs are ordered (batch, head, tile t, tile h, tile w), w fastest, so
+    neighbouring programs own neighbouring tiles of one (batch, head).
+    bh = batch * heads + head is the row of the (B, heads, T, H, W) statistics.
+    """
+    n_tw = tl.cdiv(W, BW)
+    n_th = tl.cdiv(H, BH)
+    n_tiles = tl.cdiv(T, BT) * n_th * n_tw
+    bh = pid // n_tiles
+    tile = pid % n_tiles
+    t0 = (tile // (n_th * n_tw)) * BT
+    h0 = ((tile // n_tw) % n_th) * BH
+    w0 = (tile % n_tw) * BW
+    return (bh, (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64), t0, h0, w0,
+            tl.minimum(t0 + BT, T) - 1, tl.minimum(h0 + BH, H) - 1, tl.minimum(w0 + BW, W) - 1)
+
+
+@triton.jit
+def tile_coords(offs, t0, h0, w0, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """Coordinates of the rows of a (BT x BH x BW) tile at (t0, h0, w0), raster order inside."""
+    t = t0 + offs // (BH * BW)                                          # [BLOCK]
+    h = h0 + (offs // BW) % BH                                          # [BLOCK]
+    w = w0 + offs % BW                                                  # [BLOCK]
+    return t, h, w
+
+
+@triton.jit
+def token_offsets(t, h, w, s_t, s_h, s_w):
+    """int64 element offsets of tokens: a frame stride times a frame index can pass 2**31."""
+    return tl.cast(t, tl.int64) * s_t + tl.cast(h, tl.int64) * s_h + tl.cast(w, tl.int64) * s_w
+
+
+@triton.jit
+def load_rows(ptr, row_off, row_ok, offs_d, s_d, D, EVEN_D: tl.constexpr):
+    """Load a [BLOCK_ROWS, BLOCK_D] tile; rows and head dims past the ends read 0."""
+    ptrs = ptr + row_off[:, None] + offs_d[None, :].to(tl.int64) * s_d  # [BLOCK_ROWS, BLOCK_D]
+    if EVEN_D:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    return tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def store_rows(ptr, row_off, row_ok, offs_d, s_d, D, x, EVEN_D: tl.constexpr):
+    """Store the [BLOCK_ROWS, BLOCK_D] tile x; rows and head dims past the ends are skipped."""
+    ptrs = ptr + row_off[:, None] + offs_d[None, :].to(tl.int64) * s_d  # [BLOCK_ROWS, BLOCK_D]
+    if EVEN_D:
+        tl.store(ptrs, x, mask=row_ok[:, None])
+    else:
+        tl.store(ptrs, x, mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def tile_mask(row_ok, r0, r1, c0, c1, jr, jc):
+    """[rows, cols] mask: row_ok and r0 <= jr <= r1 and c0 <= jc <= c1.
+
+    The bounds are per row (one query's or one key's window, already shifted to
+    the walked tile's local indices jr, jc, which are loop-invariant aranges), so
+    each iteration only updates [rows] vectors: 4 integer compares per element.
+    """
+    return row_ok[:, None] & (jr[None, :] >= r0[:, None]) & (jr[None, :] <= r1[:, None]) \
+        & (jc[None, :] >= c0[:, None]) & (jc[None, :] <= c1[:, None])
+
+
+# ----------------------------------------------------------------------------- dots
+
+
+@triton.jit
+def dot(a, b, UPCAST_DOT: tl.constexpr, acc=None):
+    """acc + a @ b with float32 accumulation (acc=None: a fresh product).
+
+    UPCAST_DOT (interpreter + bf16 only): bf16 tl.dot is broken in the
+    interpreter; the operands are already rounded to bf16, so upcasting them is
+    exact and reproduces the GPU's bf16 x bf16 -> fp32 product.
+    """
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif a.dtype == tl.float32:
+        # Exact float32 products on FMAs: what the interpreter (the tests) computes.
+        # tf32 misses the float32 tolerance; tf32x3 spilled from head dim 64 up
+        # (dK/dV, 64x16 tiles: 20 bytes; head dim 128: >= 36 bytes at 16x16).
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def dot_acc(acc, a32, b, UPCAST_DOT: tl.constexpr):
+    """acc + a32 @ b for a float32 tile a32 (P or dS) and b in the input dtype,
+    accumulated in place (one accumulator layout, no temporary product tile).
+
+    bfloat16 keeps 8 mantissa bits: rounding P and dS to it once made dK 2.5x
+    less accurate than PyTorch's bf16 SDPA backward (which keeps P in fp32),
+    failing the 2x rule (test_triton.py, causal 3x5x7: dK error 0.026 vs 0.010).
+    Splitting a32 = hi + lo into two bf16 tiles and doing two dots gives 16
+    bits (error 0.016); the forward's P @ V likewise (head dim 200, causal:
+    output error 0.017 vs 0.006). float16 (11 bits) and float32 need no split.
+    """
+    hi = a32.to(b.dtype)
+    acc = dot(hi, b, UPCAST_DOT, acc)
+    if b.dtype == tl.bfloat16:
+        acc = dot((a32 - hi.to(tl.float32)).to(b.dtype), b, UPCAST_DOT, acc)
+    return acc
+
+
+# ----------------------------------------------------------------------------- the key walk (forward, dQ)
+
+
+@triton.jit
+def query_walk(pid, T, H, W, T2, H2, W2, ET, EH, EW, n_heads,
+               BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr,
+               KW: tl.constexpr, CAUSAL: tl.constexpr):
+    """Prologue of the forward and dQ kernels: program ``pid``'s query tile and its key walk.
+
+    The tile's windows, unioned per axis, form a key box (centres are monotone
+    in the query index, so the union is one interval per axis), walked in 1 x KH
+    x KW key tiles in raster order. Causal (same grid, so the tile's last query
+    is its latest): the tiles whose first key comes after that query are a tail
+    of the walk and are cut from ``n_iter``.
+
+    Returns (bh, b, hd, qt, qh, qw, q_ok, rq, walk, n_iter): the (batch * heads +
+    head) statistics row, batch and head (int64); per query row [BLOCK_Q] its
+    coordinates, on-grid flag and raster index; ``walk``, the loop-invariant
+    state ``key_tile`` reads; and the number of key tiles to visit.
+    """
+    BLOCK_Q: tl.constexpr = BT * BH * BW
+    BLOCK_K: tl.constexpr = KH * KW
+    bh, b, hd, t0, h0, w0, t_last, h_last, w_last = program_tile(pid, T, H, W, n_heads, BT, BH, BW)
+    qt, qh, qw = tile_coords(tl.arange(0, BLOCK_Q), t0, h0, w0, BT, BH, BW)  # [BLOCK_Q] each
+    q_ok = (qt < T) & (qh < H) & (qw < W)                               # [BLOCK_Q]
+    rq = (qt * H + qh) * W + qw                                         # [BLOCK_Q] raster
+    # Per-query windows; the upper bounds also hide keys off the grid.
+    ct = centre(qt, T, T2)                                              # [BLOCK_Q]
+    h_lo, h_hi = window(centre(qh, H, H2), EH, H2)                      # [BLOCK_Q] each
+    w_lo, w_hi = window(centre(qw, W, W2), EW, W2)                      # [BLOCK_Q] each
+    offs_k = tl.arange(0, BLOCK_K)
+    jh = offs_k // KW                                                   # [BLOCK_K] row in key tile
+    jw = offs_k % KW                                                    # [BLOCK_K] column in key tile
+    jhw = jh * W2 + jw                                                  # [BLOCK_K] raster offset in tile
+
+    a_lo = tl.maximum(centre(t0, T, T2) - ET, 0)                        # the key box
+    a_hi = tl.minimum(centre(t_last, T, T2) + ET + 1, T2)
+    b_lo = tl.maximum(centre(h0, H, H2) - EH, 0)
+    b_hi = tl.minimum(centre(h_last, H, H2) + EH + 1, H2)
+    c_lo = tl.maximum(centre(w0, W, W2) - EW, 0)
+    c_hi = tl.minimum(centre(w_last, W, W2) + EW + 1, W2)
+    n_b = tl.cdiv(b_hi - b_lo, KH)
+    n_c = tl.cdiv(c_hi - c_lo, KW)
+    if CAUSAL:
+        # Frames before t_last: all tiles; frame t_last: row tiles starting at or
+        # above h_last; in a row tile starting exactly at h_last, column tiles
+        # starting at or left of w_last.
+        rows = (h_last - b_lo) // KH + 1
+        last_row_starts_at_h = b_lo + (rows - 1) * KH == h_last
+        cols = tl.where(last_row_starts_at_h, (w_last - c_lo) // KW + 1, n_c)
+        n_iter = (t_last - a_lo) * n_b * n_c + (rows - 1) * n_c + cols
+    else:
+        n_iter = (a_hi - a_lo) * n_b * n_c
+    walk = (a_lo, b_lo, c_lo, n_b, n_c, ct, h_lo, h_hi, w_lo, w_hi, rq, jh, jw, jhw)
+    return bh, b, hd, qt, qh, qw, q_ok, rq, walk, n_iter
+
+
+@triton.jit
+def key_tile(it, walk, H2, W2, KH: tl.constexpr, KW: tl.constexpr):
+    """Coordinates of key tile ``it`` of the walk of ``query_walk``: its frame a, first
+    row bb and column c, its keys' rows kh and columns kw [BLOCK_K] and on-grid flags k_ok.
+
+    One flat loop over (frame, row tile, column tile) is one software-pipelined
+    loop on the GPU, and no partial mask is hoisted out of inner loops into registers.
+    """
+    a_lo, b_lo, c_lo, n_b, n_c, ct, h_lo, h_hi, w_lo, w_hi, rq, jh, jw, jhw = walk
+    a = a_lo + it // (n_b * n_c)
+    bb = b_lo + ((it // n_c) % n_b) * KH
+    c = c_lo + (it % n_c) * KW
+    kh = bb + jh                                                        # [BLOCK_K]
+    kw = c + jw                                                         # [BLOCK_K]
+    return a, bb, c, kh, kw, (kh < H2) & (kw < W2)
+
+
+@triton.jit
+def key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL: tl.constexpr):
+    """[BLOCK_Q, BLOCK_K] visibility of the key tile at (a, bb, c) (from ``key_tile``)."""
+    a_lo, b_lo, c_lo, n_b, n_c, ct, h_lo, h_hi, w_lo, w_hi, rq, jh, jw, jhw = walk
+    frame_ok = tl.abs(a - ct) <= ET                                     # [BLOCK_Q]
+    vis = tile_mask(frame_ok, h_lo - bb, h_hi - bb, w_lo - c, w_hi - c, jh, jw)  # [BLOCK_Q, BLOCK_K]
+    if CAUSAL:
+        vis = vis & (jhw[None, :] <= (rq - ((a * H2 + bb) * W2 + c))[:, None])
+    return vis

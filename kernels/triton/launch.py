@@ -1,0 +1,131 @@
+"""Launchers and drivers of the 3DNA kernels.
+
+Each ``*_launch`` returns (kernel, grid, args, meta) and launches nothing, so
+kernels/report.py compiles exactly what the drivers run. ``forward`` and
+``backward`` allocate what is not passed in and launch. Inputs are validated
+by ``nuwa3dna.checks`` before they get here; ``extent`` is resolved (three ints).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from nuwa3dna.kernels.triton import configs
+from nuwa3dna.kernels.triton.backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
+from nuwa3dna.kernels.triton.configs import LaunchConfig, upcast_dot
+from nuwa3dna.kernels.triton.forward import fwd_kernel
+from nuwa3dna.kernels.triton.jit import LOG2E
+
+
+def stats_shape(q) -> Tuple[int, ...]:
+    """Shape of the float32 log-sum-exp and delta buffers: (B, heads, T, H, W)."""
+    B, T, H, W, n_heads, _ = q.shape
+    return (B, n_heads, T, H, W)
+
+
+def _n_tiles(grid, tile) -> int:
+    return math.prod(-(-g // b) for g, b in zip(grid, tile))
+
+
+def _configs(q, k, extent, arch) -> dict:
+    return configs.pick_configs(tuple(q.shape[1:4]), tuple(k.shape[1:4]), extent, q.shape[-1], q.dtype,
+                                arch or configs.device_arch(q.device))
+
+
+def _meta(cfg: LaunchConfig, causal: bool, dtype, D: int) -> dict:
+    # The walked tile is one frame deep (fwd/dq: keys, dkdv: queries); see configs.plan_tiles.
+    tiles = (dict(BH=cfg.q_tile[1], BW=cfg.q_tile[2], KT=cfg.k_tile[0], KH=cfg.k_tile[1], KW=cfg.k_tile[2])
+             if cfg.kernel == "dkdv" else
+             dict(BT=cfg.q_tile[0], BH=cfg.q_tile[1], BW=cfg.q_tile[2], KH=cfg.k_tile[1], KW=cfg.k_tile[2]))
+    return dict(**tiles, BLOCK_D=cfg.block_d, CAUSAL=causal, UPCAST_DOT=upcast_dot(dtype),
+                EVEN_D=_even_d(cfg, D), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _even_d(cfg: LaunchConfig, D: int) -> bool:
+    """True when the head dim needs no mask (D = 16, 32, ... 256: every NÜWA size),
+    so loads vectorise without a predicate per lane."""
+    return D == cfg.block_d
+
+
+def fwd_launch(q, k, v, out, lse, extent, causal, scale, arch=None):
+    """Forward: grid (B * heads * query tiles,); see forward.fwd_kernel."""
+    B, T, H, W, n_heads, D = q.shape
+    T2, H2, W2 = k.shape[1:4]
+    cfg = _configs(q, k, extent, arch)["fwd"]
+    grid = (B * n_heads * _n_tiles((T, H, W), cfg.q_tile),)
+    args = [q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            T, H, W, T2, H2, W2, *extent, n_heads, D, scale * LOG2E]
+    return fwd_kernel, grid, args, _meta(cfg, causal, q.dtype, D)
+
+
+def preprocess_launch(q, out, dout, delta, arch=None):
+    """delta = rowsum(dO * O): grid (B * heads * cdiv(T*H*W, rows),)."""
+    B, T, H, W, n_heads, D = q.shape
+    cfg = _configs(q, q, (0, 0, 0), arch)["preprocess"]
+    grid = (B * n_heads * -(-(T * H * W) // cfg.block_q),)
+    args = [out, dout, delta, *out.stride(), *dout.stride(), T, H, W, n_heads, D]
+    meta = dict(BLOCK_N=cfg.block_q, BLOCK_D=cfg.block_d, EVEN_D=_even_d(cfg, D),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return bwd_preprocess_kernel, grid, args, meta
+
+
+def dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale, arch=None):
+    """One launch (dK and dV together) or two (a dK pass, a dV pass; see split_dkdv);
+    grid (B * heads * key tiles,)."""
+    B, T, H, W, n_heads, D = q.shape
+    T2, H2, W2 = k.shape[1:4]
+    cfg = _configs(q, k, extent, arch)["dkdv"]
+    grid = (B * n_heads * _n_tiles((T2, H2, W2), cfg.k_tile),)
+    args = [q, k, v, dout, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            T, H, W, T2, H2, W2, *extent, n_heads, D, scale, scale * LOG2E]
+    meta = _meta(cfg, causal, q.dtype, D)
+    passes = [(True, False), (False, True)] if cfg.split_dkdv else [(True, True)]
+    return [(bwd_dkdv_kernel, grid, args, dict(meta, DO_DK=a, DO_DV=b)) for a, b in passes]
+
+
+def dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale, arch=None):
+    """dQ: grid (B * heads * query tiles,), as the forward."""
+    B, T, H, W, n_heads, D = q.shape
+    T2, H2, W2 = k.shape[1:4]
+    cfg = _configs(q, k, extent, arch)["dq"]
+    grid = (B * n_heads * _n_tiles((T, H, W), cfg.q_tile),)
+    args = [q, k, v, dout, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+            T, H, W, T2, H2, W2, *extent, n_heads, D, scale, scale * LOG2E]
+    return bwd_dq_kernel, grid, args, _meta(cfg, causal, q.dtype, D)
+
+
+def _run(spec) -> None:
+    kernel, grid, args, meta = spec
+    kernel[grid](*args, **meta)
+
+
+def forward(q, k, v, extent, causal: bool, scale: float,
+            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
+    """Launch the forward; returns (out, lse). ``out`` (any strides) and ``lse``
+    (contiguous float32, ``stats_shape(q)``) may be preallocated, e.g. NaN-poisoned by tests."""
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty(stats_shape(q), dtype=torch.float32, device=q.device)
+    _run(fwd_launch(q, k, v, out, lse, extent, causal, scale))
+    return out, lse
+
+
+def backward(q, k, v, out, lse, dout, extent, causal: bool, scale: float,
+             dq=None, dk=None, dv=None, delta=None):
+    """Launch preprocess, dK/dV and dQ; returns (dq, dk, dv). Buffers may be
+    preallocated; ``dout`` is read through its strides (broadcast stride 0 included)."""
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+    if delta is None:
+        delta = torch.empty(stats_shape(q), dtype=torch.float32, device=q.device)
+    _run(preprocess_launch(q, out, dout, delta))
+    for spec in dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale):
+        _run(spec)
+    _run(dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale))
+    return dq, dk, dv
