@@ -143,6 +143,16 @@ def test_module(gen):
             assert _max_err(a, b) <= 1e-5
 
 
+def test_double_backward_raises(gen):
+    """The backward op has no gradient of its own: a clear error, not a silent zero."""
+    p = BY_ID["B2-T1H1W9-h3-d8-e0x0x2"]
+    q, k, v = p.make(torch.float32, device=DEVICE, generator=gen, requires_grad=True)
+    out = nearby_attention(q, k, v, p.extent, backend="triton")
+    dq, = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        dq.sum().backward()
+
+
 def test_public_api_extent_none(gen):
     """nearby_attention(backend="triton") with extent=None (whole grid) is full attention."""
     p = Problem(2, (2, 3, 3), 2, 16, (None, None, None), kv_grid=(1, 2, 5))

@@ -48,11 +48,8 @@ def fwd_kernel(
     l_i = tl.zeros([BLOCK_Q], tl.float32)                               # [BLOCK_Q] running sum
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)                      # [BLOCK_Q, BLOCK_D]
     for it in range(0, n_iter):
-        a, bb, c, kh, kw, k_ok = key_tile(it, walk, H2, W2, KH, KW)
-        k = load_rows(K, token_offsets(a, kh, kw, sk_t, sk_h, sk_w), k_ok,
-                      offs_d, sk_d, D, EVEN_D)                          # [BLOCK_K, BLOCK_D]
-        v = load_rows(V, token_offsets(a, kh, kw, sv_t, sv_h, sv_w), k_ok,
-                      offs_d, sv_d, D, EVEN_D)                          # [BLOCK_K, BLOCK_D]
+        a, bb, c, k, v = key_tile(it, walk, K, V, (sk_t, sk_h, sk_w, sk_d), (sv_t, sv_h, sv_w, sv_d),
+                                  offs_d, D, H2, W2, KH, KW, EVEN_D)   # k, v: [BLOCK_K, BLOCK_D]
         s = dot(q, tl.trans(k), UPCAST_DOT) * qk_scale                  # [BLOCK_Q, BLOCK_K]
         s = tl.where(key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))                           # [BLOCK_Q]

@@ -221,12 +221,14 @@ def query_walk(pid, T, H, W, T2, H2, W2, ET, EH, EW, n_heads,
 
 
 @triton.jit
-def key_tile(it, walk, H2, W2, KH: tl.constexpr, KW: tl.constexpr):
-    """Coordinates of key tile ``it`` of the walk of ``query_walk``: its frame a, first
-    row bb and column c, its keys' rows kh and columns kw [BLOCK_K] and on-grid flags k_ok.
+def key_tile(it, walk, K, V, sk, sv, offs_d, D, H2, W2, KH: tl.constexpr, KW: tl.constexpr,
+             EVEN_D: tl.constexpr):
+    """Key tile ``it`` of the walk of ``query_walk``: its frame a, first row bb and
+    column c, and its keys and values, [BLOCK_K, BLOCK_D] each (0 off the grid).
 
-    One flat loop over (frame, row tile, column tile) is one software-pipelined
-    loop on the GPU, and no partial mask is hoisted out of inner loops into registers.
+    K, V point at the (batch, head); sk, sv are their (t, h, w, d) strides. One
+    flat loop over (frame, row tile, column tile) is one software-pipelined loop
+    on the GPU, and no partial mask is hoisted out of inner loops into registers.
     """
     a_lo, b_lo, c_lo, n_b, n_c, ct, h_lo, h_hi, w_lo, w_hi, rq, jh, jw, jhw = walk
     a = a_lo + it // (n_b * n_c)
@@ -234,7 +236,12 @@ def key_tile(it, walk, H2, W2, KH: tl.constexpr, KW: tl.constexpr):
     c = c_lo + (it % n_c) * KW
     kh = bb + jh                                                        # [BLOCK_K]
     kw = c + jw                                                         # [BLOCK_K]
-    return a, bb, c, kh, kw, (kh < H2) & (kw < W2)
+    k_ok = (kh < H2) & (kw < W2)                                        # [BLOCK_K]
+    k = load_rows(K, token_offsets(a, kh, kw, sk[0], sk[1], sk[2]), k_ok,
+                  offs_d, sk[3], D, EVEN_D)                             # [BLOCK_K, BLOCK_D]
+    v = load_rows(V, token_offsets(a, kh, kw, sv[0], sv[1], sv[2]), k_ok,
+                  offs_d, sv[3], D, EVEN_D)                             # [BLOCK_K, BLOCK_D]
+    return a, bb, c, k, v
 
 
 @triton.jit

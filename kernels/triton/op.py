@@ -4,7 +4,8 @@
 * ``nuwa3dna::triton_bwd(dout, q, k, v, out, lse, extent, causal, scale) -> (dq, dk, dv)``
 
 Each is opaque to ``torch.compile`` (fullgraph) with a fake implementation for
-shape propagation; the backward is registered with ``register_autograd``.
+shape propagation; the backward is registered with ``register_autograd``
+(differentiating it again raises a clear error).
 Inputs are validated by ``nuwa3dna.checks`` before they get here; ``extent``
 is resolved (three ints). Importing this module imports Triton and registers
 the ops; ``nuwa3dna.ops`` imports it on the first ``backend="triton"`` call.
@@ -64,7 +65,14 @@ def _backward(ctx, dout, _dlse):
     return dq, dk, dv, None, None, None
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "nearby_attention: the gradient of the 3DNA backward (double backward) is not implemented "
+        "for backend='torch' or 'triton'; use backend='dense' for higher-order gradients")
+
+
 triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+triton_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, extent: Sequence[int], causal: bool,
