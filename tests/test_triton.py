@@ -27,7 +27,7 @@ from nuwa3dna.reference import dense_nearby_attention, nearby_mask
 # On a CUDA machine the same tests run the compiled kernels on the GPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-from nuwa3dna.kernels.triton import configs  # noqa: E402  (after the interpreter is on)
+from nuwa3dna.kernels.triton import configs, launch  # noqa: E402  (after the interpreter is on)
 from nuwa3dna.kernels.triton.launch import backward, forward, stats_shape  # noqa: E402
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
@@ -258,3 +258,35 @@ def test_sm80_launch_table(p, dtype, gen, monkeypatch):
     shapes and dK/dV split too (warps and stages mean nothing to the interpreter)."""
     monkeypatch.setattr(configs, "device_arch", lambda device: 80)
     _check(p, dtype, gen)
+
+
+def test_launches_on_the_inputs_device(monkeypatch):
+    """Tensors on cuda:1 while cuda:0 is current: every launch happens with cuda:1 current.
+    No GPU needed: fake CUDA tensors (FakeTensorMode), a mocked current device, and
+    launches recorded instead of run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    current, seen = [0], []
+
+    class FakeDevice:       # torch.cuda.device(d): d current inside the block
+        def __init__(self, device):
+            self.index = torch.device(device).index
+
+        def __enter__(self):
+            self.prev, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(launch, "_run", lambda spec: seen.append((spec[0].__name__, current[0])))
+    p = BY_ID["B2-T3H5W7-h2-d24-e1x2x2-causal"]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        q, k, v = (torch.empty(p.B, *p.q_grid, p.heads, p.D, device="cuda:1") for _ in range(3))
+        out, lse = forward(q, k, v, p.resolved_extent, True, 0.5)
+        backward(q, k, v, out, lse, torch.empty_like(out), p.resolved_extent, True, 0.5)
+    assert out.device == torch.device("cuda:1") and current == [0]
+    assert [name for name, _ in seen] == ["fwd_kernel", "bwd_preprocess_kernel", "bwd_dkdv_kernel",
+                                          "bwd_dq_kernel"]
+    assert all(dev == 1 for _, dev in seen), seen

@@ -2,11 +2,13 @@
 
 Each ``*_launch`` returns (kernel, grid, args, meta) and launches nothing, so
 kernels/report.py compiles exactly what the drivers run. ``forward`` and
-``backward`` allocate what is not passed in and launch. Inputs are validated
-by ``nuwa3dna.checks`` before they get here; ``extent`` is resolved (three ints).
+``backward`` allocate what is not passed in and launch, with the inputs'
+device current (``device_guard``). Inputs are validated by ``nuwa3dna.checks``
+before they get here; ``extent`` is resolved (three ints).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -98,6 +100,13 @@ def dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale, arch=None):
     return bwd_dq_kernel, grid, args, _meta(cfg, causal, q.dtype, D)
 
 
+def device_guard(device):
+    """Make ``device`` the current CUDA device while launching: Triton launches on
+    the current device and its current stream, so tensors on cuda:1 while cuda:0
+    is current would otherwise run (and fail) on the wrong GPU. A no-op off CUDA."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _run(spec) -> None:
     kernel, grid, args, meta = spec
     kernel[grid](*args, **meta)
@@ -107,11 +116,12 @@ def forward(q, k, v, extent, causal: bool, scale: float,
             out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
     """Launch the forward; returns (out, lse). ``out`` (any strides) and ``lse``
     (contiguous float32, ``stats_shape(q)``) may be preallocated, e.g. NaN-poisoned by tests."""
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if lse is None:
-        lse = torch.empty(stats_shape(q), dtype=torch.float32, device=q.device)
-    _run(fwd_launch(q, k, v, out, lse, extent, causal, scale))
+    with device_guard(q.device):
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if lse is None:
+            lse = torch.empty(stats_shape(q), dtype=torch.float32, device=q.device)
+        _run(fwd_launch(q, k, v, out, lse, extent, causal, scale))
     return out, lse
 
 
@@ -119,13 +129,14 @@ def backward(q, k, v, out, lse, dout, extent, causal: bool, scale: float,
              dq=None, dk=None, dv=None, delta=None):
     """Launch preprocess, dK/dV and dQ; returns (dq, dk, dv). Buffers may be
     preallocated; ``dout`` is read through its strides (broadcast stride 0 included)."""
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
-    if delta is None:
-        delta = torch.empty(stats_shape(q), dtype=torch.float32, device=q.device)
-    _run(preprocess_launch(q, out, dout, delta))
-    for spec in dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale):
-        _run(spec)
-    _run(dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale))
+    with device_guard(q.device):
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+        if delta is None:
+            delta = torch.empty(stats_shape(q), dtype=torch.float32, device=q.device)
+        _run(preprocess_launch(q, out, dout, delta))
+        for spec in dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale):
+            _run(spec)
+        _run(dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale))
     return dq, dk, dv
