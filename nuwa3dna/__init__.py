@@ -3,11 +3,11 @@ from nuwa3dna.kernels.geometry import count_visible, resolve_extent
 from nuwa3dna.module import NearbyAttention3D
 from nuwa3dna.ops import nearby_attention
 from nuwa3dna.reference import brute_force_nearby_attention, dense_nearby_attention, nearby_mask
-from nuwa3dna.torch_path import torch_nearby_attention
+from nuwa3dna.memory import clear_workspace, workspace_bytes
 
 __all__ = [
     "nearby_attention", "NearbyAttention3D",
     "dense_nearby_attention", "brute_force_nearby_attention", "nearby_mask",
-    "torch_nearby_attention", "count_visible", "resolve_extent",
+    "count_visible", "resolve_extent", "clear_workspace", "workspace_bytes",
 ]
 __version__ = "0.1.0"

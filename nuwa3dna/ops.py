@@ -1,15 +1,15 @@
 """``nearby_attention``: the functional entry point; validates once, then dispatches."""
 from __future__ import annotations
 
-from nuwa3dna.checks import check_inputs
-from nuwa3dna.custom_op import torch_op
+from nuwa3dna.checks import check_inputs, uses_forward_ad
+from nuwa3dna.dispatch import resolve_auto
+from nuwa3dna.kernels.cpu.op import torch_attention
 from nuwa3dna.kernels.geometry import resolve_extent
 from nuwa3dna.reference import dense_nearby_attention
-from nuwa3dna.torch_path import torch_nearby_attention
 
 
 def nearby_attention(q, k, v, extent, causal=False, scale=None, backend="auto"):
-    """3D Nearby Attention (NÜWA, SPEC.md section 1).
+    """3D Nearby Attention (NÜWA; docs/design.md).
 
     Args:
         q: (B, T, H, W, heads, D) queries.
@@ -19,21 +19,24 @@ def nearby_attention(q, k, v, extent, causal=False, scale=None, backend="auto"):
             ints >= 0 or None (None = the whole axis). Windows are clipped at borders.
         causal: also hide keys later in raster order (q and k grids must match).
         scale: score scale, default D ** -0.5.
-        backend: "auto" (Triton on CUDA, "torch" elsewhere), "triton", "torch", "dense".
+        backend: "auto" (``nuwa3dna.dispatch.choose_backend``), "triton", "torch", "dense".
 
     Returns:
         (B, T, H, W, heads, D) in q's dtype and on q's device.
     """
-    backend = check_inputs(q, k, v, extent, causal, scale, backend)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    extent, scale = check_inputs(q, k, v, extent, causal, scale, backend)
+    resolved = resolve_extent(extent, tuple(k.shape[1:4]))
+    if backend == "auto":
+        backend = resolve_auto(q, k, resolved, causal)
     if backend == "dense":
         return dense_nearby_attention(q, k, v, extent, causal, scale)
-    extent = resolve_extent(extent, tuple(k.shape[1:4]))
-    # Both fast paths go through torch.library custom ops (custom_op.py), so
-    # torch.compile(fullgraph=True) sees one opaque op with a fake and a backward.
+    if uses_forward_ad(q, k, v):
+        raise NotImplementedError(
+            "nearby_attention: forward-mode AD (torch.func.jvp / forward_ad) is not implemented "
+            f"for {backend=}; use backend='dense' for it")
+    # Both fast backends are torch.library custom ops: torch.compile(fullgraph=True)
+    # sees one opaque op with a fake implementation and a backward.
     if backend == "triton":
         from nuwa3dna.kernels.triton.op import triton_attention
-        return triton_attention(q, k, v, extent, causal, scale)
-    if q.device.type == "cpu":
-        return torch_op(q, k, v, extent, causal, scale)
-    return torch_nearby_attention(q, k, v, extent, causal, scale)
+        return triton_attention(q, k, v, resolved, causal, scale)
+    return torch_attention(q, k, v, resolved, causal, scale)

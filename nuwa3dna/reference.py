@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from nuwa3dna.checks import uses_forward_ad
 from nuwa3dna.kernels.geometry import Grid, grid_coords, resolve_extent, visible
 
 
@@ -31,8 +32,13 @@ def dense_nearby_attention(q, k, v, extent, causal: bool = False, scale=None) ->
     kv_grid = tuple(k.shape[1:4])
     mask = nearby_mask((T, H, W), kv_grid, extent, causal, device=q.device)
     qh, kh, vh = (x.flatten(1, 3).transpose(1, 2) for x in (q, k, v))   # [B, heads, N, D]
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
-                                         scale=D ** -0.5 if scale is None else scale)
+    scale = D ** -0.5 if scale is None else scale
+    if uses_forward_ad(q, k, v):
+        # SDPA's CPU kernels have no forward-AD formula; the same maths in plain ops has.
+        s = (qh @ kh.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))     # [B, heads, Nq, Nk]
+        out = torch.softmax(s, dim=-1) @ vh
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).reshape(B, T, H, W, heads, D)
 
 

@@ -1,4 +1,5 @@
 """Every bad input gets a clear ValueError/TypeError naming the bad value, before any work."""
+import numpy as np
 import pytest
 import torch
 
@@ -38,7 +39,26 @@ BAD_CALLS = {
     "backend": (qkv, {"backend": "cuda"}, ValueError, "backend='cuda'"),
     "triton-float64": (lambda: qkv(dtype=torch.float64), {"backend": "triton"}, TypeError, "torch.float64"),
     "triton-head-dim": (lambda: qkv((1, 1, 2, 2, 1, 264)), {"backend": "triton"}, ValueError, "D=264"),
+    "extent-set": (qkv, {"extent": {1, 2, 3}}, TypeError, "set"),
+    "extent-dict": (qkv, {"extent": {"t": 1, "h": 1, "w": 1}}, TypeError, "dict"),
+    "extent-float-tensor": (qkv, {"extent": torch.tensor(1.0)}, TypeError, "tensor(1.)"),
+    "extent-vector-tensor": (qkv, {"extent": torch.tensor([1, 1, 1])}, TypeError, "shape (3,)"),
+    "extent-numpy-float": (qkv, {"extent": (1, np.float64(2.0), 1)}, TypeError, "extent[1]"),
+    "float64-named": (lambda: (torch.ones(2, 3, 5, 7, 2, 8, dtype=torch.complex64), *qkv()[1:]), {},
+                      TypeError, "complex64"),
 }
+
+
+@pytest.mark.parametrize("extent", [torch.tensor(1), np.int64(1), (np.int32(1), torch.tensor(1), 1), [1, 1, 1]],
+                         ids=["int-tensor", "numpy-int", "mixed-tuple", "list"])
+def test_integer_like_extents_accepted(extent):
+    q, k, v = qkv()
+    torch.testing.assert_close(nearby_attention(q, k, v, extent), nearby_attention(q, k, v, 1))
+
+
+def test_dtype_error_lists_float64():
+    with pytest.raises(TypeError, match="float64"):
+        nearby_attention(*[x.to(torch.int64) for x in qkv()], 1)
 
 
 @pytest.mark.parametrize("case", BAD_CALLS, ids=str)

@@ -1,0 +1,84 @@
+"""Backward of the CPU tile path, by recomputation, key-frame stationary like the forward.
+
+For one row tile and key frame, the stacked query frames' probabilities are
+recomputed from the saved log-sum-exp in one bmm; dK and dV of that key halo
+come out of one bmm each (inner dim frames*bh*bw). Products are formed in
+contiguous scratch and added into the strided accumulators (MKL's in-place path
+on strided batches was ~3x slower per op). dK/dV accumulate in strip layout and
+are summed back onto the grid at the end (``layout.unstrip``).
+"""
+from __future__ import annotations
+
+import torch
+
+from nuwa3dna.kernels.cpu.forward import Call, add_window_bias, chunks, guarded
+from nuwa3dna.kernels.cpu.layout import strips_kv, tile_rows, unstrip, untile_rows
+from nuwa3dna.kernels.cpu.planner import CpuConfig
+from nuwa3dna.kernels.cpu.workers import run, split
+
+
+def backward(dout, q, k, v, out, lse, extent, causal: bool, scale: float, config: CpuConfig):
+    """Returns (dq, dk, dv) in the inputs' dtypes. Unchecked."""
+    return guarded(lambda c: _backward(dout, q, k, v, out, lse, causal, scale, c, config),
+                   q, k, extent, causal, config)
+
+
+def _backward(dout, q, k, v, out, lse, causal, scale, c: Call, config: CpuConfig):
+    g, acc, ws = c.g, c.acc, c.ws
+    D = q.shape[-1]
+    ns, nq, nk = g.ns, g.bh * g.bw, g.lh * g.lw
+    qs = tile_rows(q, g, acc, ws, "q", scale)              # (nht, BH*ns, T, nq, D), pre-scaled
+    dos = tile_rows(dout, g, acc, ws, "do")
+    ks, vs = strips_kv(k, v, g, acc, ws, c.workers)        # (BH, ns, T2, h2p, lw, D)
+    # delta = rowsum(dO * O): the softmax-Jacobian term of every query.
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    deltas = tile_rows(delta, g, acc, ws, "delta")          # (nht, BH*ns, T, nq)
+    lses = tile_rows(lse, g, acc, ws, "lse")
+    dqs = ws.get("dq", qs.shape, acc, q.device).zero_()
+    dks = ws.get("dk", ks.shape, acc, q.device).zero_()
+    dvs = ws.get("dv", vs.shape, acc, q.device).zero_()
+    parts = chunks(c, config, min_parts=config.parts_per_worker * c.workers)
+    n_max = (parts[0][1] - parts[0][0]) * ns
+    size = n_max * c.max_nf * nq * nk
+
+    def work(groups):
+        pbuf, dpbuf = (torch.empty(size, dtype=acc, device=q.device) for _ in range(2))
+        tq = torch.empty(n_max * c.max_nf * nq * D, dtype=acc, device=q.device)
+        tk = torch.empty(n_max * nk * D, dtype=acc, device=q.device)
+        for b0, b1, j in groups:
+            r0 = g.row_start[j]
+            n = (b1 - b0) * ns
+            rows = slice(b0 * ns, b1 * ns)
+            for a, (t0, t1) in enumerate(g.qframes):
+                nf = t1 - t0
+                if nf <= 0:
+                    continue
+                M = nf * nq
+                qc = qs[j, rows, t0:t1].reshape(n, M, D)
+                doc = dos[j, rows, t0:t1].reshape(n, M, D)
+                kc = ks[b0:b1, :, a, r0:r0 + g.lh].reshape(n, nk, D)
+                vc = vs[b0:b1, :, a, r0:r0 + g.lh].reshape(n, nk, D)
+                p = pbuf[:n * M * nk].view(n, M, nk)                   # [n, M, nk]
+                dp = dpbuf[:n * M * nk].view(n, M, nk)                 # [n, M, nk]
+                torch.bmm(qc, kc.transpose(1, 2), out=p)
+                torch.bmm(doc, vc.transpose(1, 2), out=dp)
+                add_window_bias(p.view(b1 - b0, ns, nf, nq, nk), c.bias, j, causal and t0 == a)
+                p.sub_(lses[j, rows, t0:t1].reshape(n, M, 1)).exp_()
+                dp.sub_(deltas[j, rows, t0:t1].reshape(n, M, 1)).mul_(p)     # dS
+                tmp_q = tq[:n * M * D].view(n, M, D)
+                tmp_k = tk[:n * nk * D].view(n, nk, D)
+                dqs[j, rows, t0:t1].view(n, M, D).add_(torch.bmm(dp, kc, out=tmp_q))
+                dks[b0:b1, :, a, r0:r0 + g.lh].view(n, nk, D).add_(
+                    torch.bmm(dp.transpose(1, 2), qc, out=tmp_k))
+                dvs[b0:b1, :, a, r0:r0 + g.lh].view(n, nk, D).add_(
+                    torch.bmm(p.transpose(1, 2), doc, out=tmp_k))
+
+    # Key halos of neighbouring row tiles overlap, so the dK/dV accumulations of
+    # two workers must never meet: workers own disjoint batch*head ranges.
+    work_parts = [[(b0, b1, j) for b0, b1 in part for j in range(g.nht)]
+                  for part in split(parts, config.parts_per_worker * c.workers)]
+    run(work, work_parts, c.workers)
+    dq = untile_rows(dqs, g, q.shape, q.dtype, scale)
+    dk = unstrip(dks, g, k.shape, k.dtype, ws)
+    dv = unstrip(dvs, g, v.shape, v.dtype, ws)
+    return dq, dk, dv

@@ -1,0 +1,134 @@
+"""Forward of the CPU tile path: key-frame stationary, online softmax.
+
+For one row tile and one key frame, the query tiles of every frame that sees
+that key frame (2*e_t+1 of them, fewer at borders or when causal) are
+consecutive rows of one (frames*bh*bw, D) matrix (``layout.tile_rows``), so one
+bmm scores them all, each key/value halo is read once per frame rather than once
+per query frame, and the bmm is taller (48 rows for cpu-mid, faster than 16).
+The softmax runs online across key frames (running max, sum and rescaled
+accumulator per query, FlashAttention style).
+
+Numerics: scores, softmax and accumulation in float32 (float64 for float64
+inputs, used by gradcheck). Nothing is (queries x keys): one chunk of scores of
+about ``chunk_elems`` per worker.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nuwa3dna.kernels.cpu.layout import strips_kv, tile_rows, untile_rows
+from nuwa3dna.kernels.cpu.planner import CpuConfig, Geometry, plan, window_bias
+from nuwa3dna.kernels.cpu.workers import in_worker, run, split, worker_count
+from nuwa3dna.kernels.cpu.workspace import Workspace, workspace
+
+
+@dataclass(frozen=True)
+class Call:
+    """What one forward or backward call shares between its setup and its loops."""
+    g: Geometry
+    acc: torch.dtype
+    bias: torch.Tensor          # (1 + causal, nht, ns, nq, nk)
+    ws: Workspace
+    workers: int
+    BH: int
+    max_nf: int                 # most query frames stacked on one key frame
+
+
+def setup(q, k, extent, causal: bool, config: CpuConfig, workers: int) -> Call:
+    B, T, H, W, heads, _ = q.shape
+    q_grid, kv_grid = (T, H, W), tuple(k.shape[1:4])
+    g = plan(q_grid, kv_grid, tuple(extent), causal, config)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bias = window_bias(q_grid, kv_grid, tuple(extent), causal, g, acc, config.mask_cache_limit)
+    return Call(g, acc, bias, workspace(), workers, B * heads,
+                max(t1 - t0 for t0, t1 in g.qframes))
+
+
+def chunks(c: Call, config: CpuConfig, min_parts: int = 1):
+    """Ranges of batch*head so that one chunk of scores (nf, BH_chunk*ns, nq, nk) is ~chunk_elems."""
+    g = c.g
+    per = max(1, c.max_nf * g.ns * g.bh * g.bw * g.lh * g.lw)
+    step = max(1, min(-(-c.BH // min_parts), config.chunk_elems // per))
+    return [(b0, min(c.BH, b0 + step)) for b0 in range(0, c.BH, step)]
+
+
+def add_window_bias(s: torch.Tensor, bias: torch.Tensor, j: int, own_frame_first: bool) -> None:
+    """Add row tile ``j``'s mask to scores ``s`` (b, ns, nf, nq, nk) in place. When the
+    first stacked query frame is the key frame itself (causal), it gets the raster mask."""
+    if own_frame_first:
+        s[:, :, :1].add_(bias[1, j].unsqueeze(1))
+        if s.shape[2] > 1:
+            s[:, :, 1:].add_(bias[0, j].unsqueeze(1))
+    else:
+        s.add_(bias[0, j].unsqueeze(1))
+
+
+def guarded(body, q, k, extent, causal: bool, config: CpuConfig):
+    """Run ``body(call)`` for one forward or backward: on the lead worker (``in_worker``),
+    outside inference mode and autograd, trimming the workspace afterwards."""
+    workers = worker_count(q.device, config.max_workers)
+
+    def lead():
+        with torch.inference_mode(False), torch.no_grad():
+            c = setup(q, k, extent, causal, config, workers)
+            try:
+                return body(c)
+            finally:
+                c.ws.trim(config.workspace_limit)
+    return in_worker(lead, workers)
+
+
+def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig):
+    """Returns (out in q's dtype, lse (B, T, H, W, heads) in the accumulation dtype). Unchecked."""
+    return guarded(lambda c: _forward(q, k, v, causal, scale, c, config), q, k, extent, causal, config)
+
+
+def _forward(q, k, v, causal, scale, c: Call, config: CpuConfig):
+    g, acc, ws = c.g, c.acc, c.ws
+    D = q.shape[-1]
+    ns, nq, nk = g.ns, g.bh * g.bw, g.lh * g.lw
+    qs = tile_rows(q, g, acc, ws, "q", scale)              # (nht, BH*ns, T, nq, D), pre-scaled
+    ks, vs = strips_kv(k, v, g, acc, ws, c.workers)        # (BH, ns, T2, h2p, lw, D)
+    # Online-softmax state. A query no key frame reached keeps l = 0 and comes
+    # out 0/0 = NaN: the accumulator's poison.
+    os_ = ws.get("o", qs.shape, acc, q.device).zero_()
+    mst = ws.get("m", qs.shape[:-1], acc, q.device).fill_(float("-inf"))
+    lst = ws.get("l", qs.shape[:-1], acc, q.device).zero_()
+    parts = chunks(c, config)
+    size = c.max_nf * (parts[0][1] - parts[0][0]) * ns * nq * nk
+
+    def work(groups):
+        buf = torch.empty(size, dtype=acc, device=q.device)
+        for b0, b1, j in groups:
+            r0 = g.row_start[j]
+            n = (b1 - b0) * ns
+            rows = slice(b0 * ns, b1 * ns)
+            for a, (t0, t1) in enumerate(g.qframes):
+                nf = t1 - t0
+                if nf <= 0:
+                    continue
+                M = nf * nq
+                qc = qs[j, rows, t0:t1].reshape(n, M, D)
+                kc = ks[b0:b1, :, a, r0:r0 + g.lh].reshape(n, nk, D)
+                vc = vs[b0:b1, :, a, r0:r0 + g.lh].reshape(n, nk, D)
+                s = buf[:n * M * nk].view(n, M, nk)                    # [n, M, nk]
+                torch.bmm(qc, kc.transpose(1, 2), out=s)
+                add_window_bias(s.view(b1 - b0, ns, nf, nq, nk), c.bias, j, causal and t0 == a)
+                mc = mst[j, rows, t0:t1].reshape(n, M)
+                lc = lst[j, rows, t0:t1].reshape(n, M)
+                oc = os_[j, rows, t0:t1].reshape(n, M, D)
+                m_new = torch.maximum(mc, s.amax(-1))
+                alpha = mc.sub_(m_new).exp_()    # exp(m_old - m_new); 0 on the first frame
+                s.sub_(m_new.unsqueeze(-1)).exp_()
+                lc.mul_(alpha).add_(s.sum(-1))
+                oc.mul_(alpha.unsqueeze(-1)).baddbmm_(s, vc)
+                mc.copy_(m_new)
+
+    groups = [(b0, b1, j) for b0, b1 in parts for j in range(g.nht)]
+    run(work, split(groups, config.parts_per_worker * c.workers), c.workers)
+    os_.div_(lst.unsqueeze(-1))
+    out = untile_rows(os_, g, q.shape, q.dtype)
+    lse = untile_rows(lst.log_().add_(mst), g, q.shape[:5], acc)
+    return out, lse

@@ -1,0 +1,216 @@
+"""Tile plan of the CPU path: tile shape, per-call geometry and the window masks.
+
+Queries are cut into tiles of 1 frame x ``bh`` rows x ``bw`` columns. Keys and
+values are re-laid into overlapping column strips (``layout.strips``): strip s
+holds the ``lw`` key columns that query columns s*bw .. s*bw+bw-1 can see, so
+the keys a query tile sees in one key frame (``lh`` rows x ``lw`` columns) are
+one contiguous (lh*lw, D) matrix.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional, Tuple
+
+import torch
+
+from nuwa3dna.kernels.geometry import Grid, centre_int, query_range
+
+
+@dataclass(frozen=True)
+class CpuConfig:
+    """Tunables of the CPU path (one frozen object; ``DEFAULT`` is what the op uses).
+
+    chunk_elems: score elements per chunk (batch*heads are split to stay near
+        it); 20K-320K measured within noise on cpu-mid, larger means fewer ops.
+    parts_per_worker: work is cut into this many parts per worker thread, pulled
+        from a queue, so a descheduled thread does not hold the call up.
+    tiles: (bh, bw) query tile, or None to let ``choose_tiles`` decide.
+    max_workers: cap on worker threads (None: torch's thread count of the caller).
+    workspace_limit: bytes of scratch one thread keeps between calls.
+    mask_cache_limit: bytes of cached window masks, over all geometries.
+    """
+    chunk_elems: int = 320 * 1024
+    parts_per_worker: int = 4
+    tiles: Optional[Tuple[int, int]] = None
+    max_workers: Optional[int] = None
+    workspace_limit: int = 1 << 30
+    mask_cache_limit: int = 64 << 20
+
+
+DEFAULT = CpuConfig()
+
+
+def _halo(n_q: int, n_kv: int, e: int, b: int) -> Tuple[int, int]:
+    """(tiles, max key span) along one axis for tiles of ``b`` queries."""
+    tiles = -(-n_q // b)
+    span = 0
+    for j in range(tiles):
+        lo, hi = j * b, min(n_q, j * b + b) - 1
+        span = max(span, centre_int(hi, n_q, n_kv) - centre_int(lo, n_q, n_kv) + 2 * e + 1)
+    return tiles, span
+
+
+def _mm_rate(nq: int) -> float:
+    """Relative bmm speed by rows per tile, measured with (nq x 64) @ (64 x 112) batched
+    on the 2-core AVX-512 machine: 4 -> 74, 8 -> 106, 16 -> 137, 32 -> 160 GFLOP/s."""
+    pts = ((1, 20.0), (4, 74.0), (8, 106.0), (16, 137.0), (32, 160.0), (64, 170.0))
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if nq <= x1:
+            return y0 + (y1 - y0) * (nq - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
+@lru_cache(maxsize=256)
+def choose_tiles(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool) -> Tuple[int, int]:
+    """Pick (bh, bw) minimising modelled time per query: the key halo each query
+    pays for (matmul and softmax work) over the bmm rate at that tile height,
+    plus a per-chunk Python overhead. For cpu-mid it picks 4x4 (49% of computed
+    scores useful), measured fastest of nine shapes (benchmarks/NOTES.md)."""
+    _, H, W = q_grid
+    _, H2, W2 = kv_grid
+    best = None
+    for bh in range(1, min(H, 16) + 1):
+        for bw in range(1, min(W, 16) + 1):
+            nq = bh * bw
+            if nq > 64 or (nq < 8 and (bh < H or bw < W)):
+                continue
+            nht, lh = _halo(H, H2, extent[1], bh)
+            ns, lw = _halo(W, W2, extent[2], bw)
+            lh, lw = min(lh, H2 + 2 * extent[1]), min(lw, W2 + 2 * extent[2])
+            # Per computed score: 2 matmuls of D plus ~4 elementwise passes
+            # (softmax), each worth about 30 matmul flops at these sizes.
+            cost = nht * bh * ns * bw * lh * lw * (1.0 / _mm_rate(nq) + 30.0 / 128.0 / 137.0)
+            cost += nht * 2e3 / 137.0            # ~15 ops x ~10 us per chunk, same units
+            cost *= 1.0 + 0.05 * (lw / bw)       # strip copies
+            if best is None or cost < best[0]:
+                best = (cost, bh, bw)
+    return best[1], best[2]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    bh: int
+    bw: int
+    nht: int            # row tiles
+    ns: int             # column strips
+    lh: int             # key rows per tile halo
+    lw: int             # key columns per strip
+    pad_top: int        # zero rows above the key grid in the strip layout
+    h2p: int            # padded key rows
+    row_start: Tuple[int, ...]    # per row tile, first halo row in padded rows
+    col_start: Tuple[int, ...]    # per strip, first key column (may be < 0)
+    qframes: Tuple[Tuple[int, int], ...]  # per key frame, query frames [t0, t1) that see it
+
+    @property
+    def left(self) -> int:
+        """Zero columns left of the key grid in the padded grid the strips are cut from."""
+        return max(0, -min(self.col_start))
+
+    def wpad(self, W2: int) -> int:
+        return max(self.left + W2, max(self.col_start) + self.left + self.lw)
+
+
+@lru_cache(maxsize=64)
+def geometry(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, bh: int, bw: int) -> Geometry:
+    T, H, W = q_grid
+    T2, H2, W2 = kv_grid
+    et, eh, ew = extent
+    nht, lh = _halo(H, H2, eh, bh)
+    ns, lw = _halo(W, W2, ew, bw)
+    rows = [centre_int(j * bh, H, H2) - eh for j in range(nht)]
+    cols = [centre_int(s * bw, W, W2) - ew for s in range(ns)]
+    pad_top = max(0, -min(rows))
+    h2p = max(pad_top + H2, max(rows) + pad_top + lh)
+    qframes = []
+    for a in range(T2):
+        t0, t1 = query_range(a, a + 1, T, T2, et)
+        if causal:
+            t0 = max(t0, a)
+        qframes.append((t0, t1) if t0 < t1 else (0, 0))
+    return Geometry(bh, bw, nht, ns, lh, lw, pad_top, h2p,
+                    tuple(r + pad_top for r in rows), tuple(cols), tuple(qframes))
+
+
+def plan(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, config: CpuConfig) -> Geometry:
+    bh, bw = config.tiles or choose_tiles(q_grid, kv_grid, extent, causal)
+    return geometry(q_grid, kv_grid, extent, causal, bh, bw)
+
+
+def _window_bias(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, g: Geometry,
+                 dtype: torch.dtype) -> torch.Tensor:
+    _, H, W = q_grid
+    _, H2, W2 = kv_grid
+    _, eh, ew = extent
+    bh, bw = g.bh, g.bw
+    j = torch.arange(g.nht)[:, None, None, None, None, None]
+    s = torch.arange(g.ns)[None, :, None, None, None, None]
+    y = torch.arange(bh)[None, None, :, None, None, None]
+    x = torch.arange(bw)[None, None, None, :, None, None]
+    i = torch.arange(g.lh)[None, None, None, None, :, None]
+    l = torch.arange(g.lw)[None, None, None, None, None, :]
+    h = j * bh + y
+    w = s * bw + x
+    b = torch.tensor(g.row_start)[j] - g.pad_top + i
+    c = torch.tensor(g.col_start)[s] + l
+    ch = torch.div(h * H2, H, rounding_mode="floor")
+    cw = torch.div(w * W2, W, rounding_mode="floor")
+    ok = ((b >= 0) & (b < H2) & (c >= 0) & (c < W2)
+          & ((b - ch).abs() <= eh) & ((c - cw).abs() <= ew))
+    pad_q = (h >= H) | (w >= W)
+    masks = [ok]
+    if causal:
+        masks.append(ok & (b * W2 + c <= h * W + w))
+    out = torch.stack([torch.where(m | pad_q, 0.0, float("-inf")) for m in masks])
+    return out.reshape(len(masks), g.nht, g.ns, bh * bw, g.lh * g.lw).to(dtype).contiguous()
+
+
+class _MaskCache:
+    """LRU of window masks, bounded by bytes (a mask larger than the bound is not kept)."""
+
+    def __init__(self):
+        self.items: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple, make, limit: int) -> torch.Tensor:
+        with self.lock:
+            hit = self.items.get(key)
+            if hit is not None:
+                self.items.move_to_end(key)
+                return hit
+        with torch.inference_mode(False):
+            value = make()
+        size = value.numel() * value.element_size()
+        with self.lock:
+            if size <= limit:
+                self.items[key] = value
+                while self.nbytes() > limit:
+                    self.items.popitem(last=False)
+        return value
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.items.values())
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+
+
+MASKS = _MaskCache()
+
+
+def window_bias(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, g: Geometry,
+                dtype: torch.dtype, limit: int) -> torch.Tensor:
+    """Additive mask (1 + causal, nht, ns, bh*bw, lh*lw): 0 visible, -inf hidden.
+
+    Visibility depends only on the tile's (row, strip) position and on whether
+    the key frame is the query's (causal), never on the frame, batch or head, so
+    one mask per geometry is broadcast over all of them. Index 0 is for key
+    frames other than the query's (window only); index 1 (causal only) for the
+    query's own frame, adding the raster condition. Padded queries see 0 (they
+    stay finite and are dropped). Linear in H*W: about 1 MiB for cpu-mid.
+    """
+    key = (q_grid, kv_grid, extent, causal, g, dtype)
+    return MASKS.get(key, lambda: _window_bias(q_grid, kv_grid, extent, causal, g, dtype), limit)
