@@ -61,7 +61,7 @@ def bwd_dkdv_kernel(
     T, H, W, T2, H2, W2, ET, EH, EW, n_heads, D, scale, qk_scale,
     BH: tl.constexpr, BW: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
-    DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+    WIDE_IDX: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
 ):
     """dK, dV of one 3D key tile (KT x KH x KW), summed over every query whose window reaches it.
 
@@ -94,9 +94,9 @@ def bwd_dkdv_kernel(
     DELTA += bh.to(tl.int64) * (T * H * W)
     rk = (kt * H2 + kh) * W2 + kw                                       # [BLOCK_K] raster
     # Per key, the queries that see it per axis (loop invariant, half-open).
-    qt0, qt1 = query_range(kt, kt, T, T2, ET)                 # [BLOCK_K] each
-    qh0, qh1 = query_range(kh, kh, H, H2, EH)
-    qw0, qw1 = query_range(kw, kw, W, W2, EW)
+    qt0, qt1 = query_range(kt, kt, T, T2, ET, WIDE_IDX)                 # [BLOCK_K] each
+    qh0, qh1 = query_range(kh, kh, H, H2, EH, WIDE_IDX)
+    qw0, qw1 = query_range(kw, kw, W, W2, EW, WIDE_IDX)
     ih = offs_q // BW                                                   # [BLOCK_Q] row in query tile
     iw = offs_q % BW                                                    # [BLOCK_Q]
     ihw = ih * W + iw                                                   # [BLOCK_Q] raster offset in tile
@@ -104,9 +104,9 @@ def bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)                       # [BLOCK_K, BLOCK_D]
     dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)                       # [BLOCK_K, BLOCK_D]
 
-    t_lo, t_hi = query_range(a0, a_last, T, T2, ET)
-    h_lo, h_hi = query_range(b0, b_last, H, H2, EH)
-    w_lo, w_hi = query_range(c0, c_last, W, W2, EW)
+    t_lo, t_hi = query_range(a0, a_last, T, T2, ET, WIDE_IDX)
+    h_lo, h_hi = query_range(b0, b_last, H, H2, EH, WIDE_IDX)
+    w_lo, w_hi = query_range(c0, c_last, W, W2, EW, WIDE_IDX)
     n_h = tl.cdiv(h_hi - h_lo, BH)
     n_w = tl.cdiv(w_hi - w_lo, BW)
     start = 0
@@ -169,6 +169,7 @@ def bwd_dq_kernel(
     T, H, W, T2, H2, W2, ET, EH, EW, n_heads, D, scale, qk_scale,
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
+    WIDE_IDX: tl.constexpr,
 ):
     """dQ of one 3D query tile: walks the same key box and 1 x KH x KW key tiles as the forward.
 
@@ -178,7 +179,7 @@ def bwd_dq_kernel(
     """
     BLOCK_Q: tl.constexpr = BT * BH * BW
     bh, b, hd, qt, qh, qw, q_ok, rq, walk, n_iter = query_walk(
-        tl.program_id(0), T, H, W, T2, H2, W2, ET, EH, EW, n_heads, BT, BH, BW, KH, KW, CAUSAL)
+        tl.program_id(0), T, H, W, T2, H2, W2, ET, EH, EW, n_heads, BT, BH, BW, KH, KW, CAUSAL, WIDE_IDX)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(Q + b * sq_b + hd * sq_n, token_offsets(qt, qh, qw, sq_t, sq_h, sq_w),
                   q_ok, offs_d, sq_d, D, EVEN_D)                        # [BLOCK_Q, BLOCK_D]

@@ -24,6 +24,7 @@ def fwd_kernel(
     T, H, W, T2, H2, W2, ET, EH, EW, n_heads, D, qk_scale,
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
+    WIDE_IDX: tl.constexpr,
 ):
     """Forward of one query tile (BT x BH x BW queries, BLOCK_Q rows) of one (batch, head).
 
@@ -37,7 +38,7 @@ def fwd_kernel(
     """
     BLOCK_Q: tl.constexpr = BT * BH * BW
     bh, b, hd, qt, qh, qw, q_ok, rq, walk, n_iter = query_walk(
-        tl.program_id(0), T, H, W, T2, H2, W2, ET, EH, EW, n_heads, BT, BH, BW, KH, KW, CAUSAL)
+        tl.program_id(0), T, H, W, T2, H2, W2, ET, EH, EW, n_heads, BT, BH, BW, KH, KW, CAUSAL, WIDE_IDX)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(Q + b * sq_b + hd * sq_n, token_offsets(qt, qh, qw, sq_t, sq_h, sq_w),
                   q_ok, offs_d, sq_d, D, EVEN_D)                        # [BLOCK_Q, BLOCK_D]

@@ -1,6 +1,15 @@
 """``@triton.jit`` helpers shared by the 3DNA kernels: window geometry, tile
 coordinates, strided loads and stores, the float32-accumulating dots, and the
 key walk that the forward and dQ kernels share (``query_walk``, ``key_tile``, ``key_mask``).
+
+Index widths. Coordinates, sizes and raster indices are int32: the launcher
+refuses grids of nearly 2**31 tokens (``launch.check_index_range``). The
+window arithmetic multiplies two axis lengths (the centre ``i * n_kv``, the
+query range ``(k + e + 1) * n_q``), which passes 2**31 from about 46,341
+positions on one axis; with ``WIDE_IDX`` (set by the launcher exactly when
+some axis needs it, ``launch.needs_wide_index``) those products are int64
+and divided without a division instruction (``floor_div_wide``).
+Memory offsets are always int64 (``token_offsets``).
 """
 from __future__ import annotations
 
@@ -29,8 +38,28 @@ RUNTIME_SIZES = ("T", "H", "W", "T2", "H2", "W2", "ET", "EH", "EW", "n_heads")
 
 
 @triton.jit
-def centre(i, n_q, n_kv):
+def floor_div_wide(x, d):
+    """floor(x / d) as int64, for int64 x in [0, 2**63) and an int32 d > 0 with quotient < 2**32.
+
+    Without a division instruction: ptxas expands int64 (and IEEE fp64) division
+    into a subroutine call that costs each kernel ~30 registers throughout. An
+    approximate fp32 reciprocal (<= 2 ulp, plus d's rounding to fp32) and one
+    Newton step in fp64 give 1/d to ~2**-43, so trunc(x * (1/d)) is within one
+    of the quotient (< 2**32); the int64 remainder fixes it.
+    """
+    dd = d.to(tl.int64)
+    r = tl.math.fdiv(tl.full([], 1.0, tl.float32), d.to(tl.float32)).to(tl.float64)
+    r = r * (2.0 - d.to(tl.float64) * r)
+    c = (x.to(tl.float64) * r).to(tl.int64)
+    rem = x - c * dd
+    return tl.where(rem < 0, c - 1, tl.where(rem >= dd, c + 1, c))
+
+
+@triton.jit
+def centre(i, n_q, n_kv, WIDE_IDX: tl.constexpr):
     """Rescaled centre floor(i * n_kv / n_q) (geometry.centre); i >= 0, so C truncation == floor."""
+    if WIDE_IDX:
+        return floor_div_wide(i.to(tl.int64) * n_kv, n_q).to(tl.int32)
     return (i * n_kv) // n_q
 
 
@@ -41,15 +70,22 @@ def window(c, e, n):
 
 
 @triton.jit
-def query_range(k_lo, k_last, n_q, n_kv, e):
+def query_range(k_lo, k_last, n_q, n_kv, e, WIDE_IDX: tl.constexpr):
     """Queries [q0, q1) of one axis whose window reaches keys k_lo..k_last (geometry.query_range).
 
     centre(q) >= k_lo - e  <=>  q >= ceil((k_lo - e) * n_q / n_kv); the numerators
-    are kept >= 0 so C-style integer division is the floor.
+    are kept >= 0 so C-style integer division is the floor. They reach
+    (n_kv + e) * n_q + n_kv, hence WIDE_IDX on long axes.
     """
     lo_c = k_lo - e
-    q0 = tl.where(lo_c <= 0, 0, (lo_c * n_q + n_kv - 1) // n_kv)
-    q1 = tl.minimum(((k_last + e + 1) * n_q + n_kv - 1) // n_kv, n_q)
+    hi_c = k_last + e + 1
+    if WIDE_IDX:
+        q0 = floor_div_wide(tl.maximum(lo_c, 0).to(tl.int64) * n_q + n_kv - 1, n_kv)
+        q0 = tl.where(lo_c <= 0, 0, q0.to(tl.int32))
+        q1 = tl.minimum(floor_div_wide(hi_c.to(tl.int64) * n_q + n_kv - 1, n_kv), n_q).to(tl.int32)
+    else:
+        q0 = tl.where(lo_c <= 0, 0, (lo_c * n_q + n_kv - 1) // n_kv)
+        q1 = tl.minimum((hi_c * n_q + n_kv - 1) // n_kv, n_q)
     return q0, q1
 
 
@@ -169,7 +205,7 @@ def dot_acc(acc, a32, b, UPCAST_DOT: tl.constexpr):
 @triton.jit
 def query_walk(pid, T, H, W, T2, H2, W2, ET, EH, EW, n_heads,
                BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr,
-               KW: tl.constexpr, CAUSAL: tl.constexpr):
+               KW: tl.constexpr, CAUSAL: tl.constexpr, WIDE_IDX: tl.constexpr):
     """Prologue of the forward and dQ kernels: program ``pid``'s query tile and its key walk.
 
     The tile's windows, unioned per axis, form a key box (centres are monotone
@@ -190,20 +226,20 @@ def query_walk(pid, T, H, W, T2, H2, W2, ET, EH, EW, n_heads,
     q_ok = (qt < T) & (qh < H) & (qw < W)                               # [BLOCK_Q]
     rq = (qt * H + qh) * W + qw                                         # [BLOCK_Q] raster
     # Per-query windows; the upper bounds also hide keys off the grid.
-    ct = centre(qt, T, T2)                                              # [BLOCK_Q]
-    h_lo, h_hi = window(centre(qh, H, H2), EH, H2)                      # [BLOCK_Q] each
-    w_lo, w_hi = window(centre(qw, W, W2), EW, W2)                      # [BLOCK_Q] each
+    ct = centre(qt, T, T2, WIDE_IDX)                                    # [BLOCK_Q]
+    h_lo, h_hi = window(centre(qh, H, H2, WIDE_IDX), EH, H2)            # [BLOCK_Q] each
+    w_lo, w_hi = window(centre(qw, W, W2, WIDE_IDX), EW, W2)            # [BLOCK_Q] each
     offs_k = tl.arange(0, BLOCK_K)
     jh = offs_k // KW                                                   # [BLOCK_K] row in key tile
     jw = offs_k % KW                                                    # [BLOCK_K] column in key tile
     jhw = jh * W2 + jw                                                  # [BLOCK_K] raster offset in tile
 
-    a_lo = tl.maximum(centre(t0, T, T2) - ET, 0)                        # the key box
-    a_hi = tl.minimum(centre(t_last, T, T2) + ET + 1, T2)
-    b_lo = tl.maximum(centre(h0, H, H2) - EH, 0)
-    b_hi = tl.minimum(centre(h_last, H, H2) + EH + 1, H2)
-    c_lo = tl.maximum(centre(w0, W, W2) - EW, 0)
-    c_hi = tl.minimum(centre(w_last, W, W2) + EW + 1, W2)
+    a_lo = tl.maximum(centre(t0, T, T2, WIDE_IDX) - ET, 0)              # the key box
+    a_hi = tl.minimum(centre(t_last, T, T2, WIDE_IDX) + ET + 1, T2)
+    b_lo = tl.maximum(centre(h0, H, H2, WIDE_IDX) - EH, 0)
+    b_hi = tl.minimum(centre(h_last, H, H2, WIDE_IDX) + EH + 1, H2)
+    c_lo = tl.maximum(centre(w0, W, W2, WIDE_IDX) - EW, 0)
+    c_hi = tl.minimum(centre(w_last, W, W2, WIDE_IDX) + EW + 1, W2)
     n_b = tl.cdiv(b_hi - b_lo, KH)
     n_c = tl.cdiv(c_hi - c_lo, KW)
     if CAUSAL:

@@ -31,24 +31,48 @@ def _n_tiles(grid, tile) -> int:
     return math.prod(-(-g // b) for g, b in zip(grid, tile))
 
 
+INT32_MAX = 2 ** 31 - 1
+# Raster indices of a (batch, head) grid are int32, and a block of rows may run a
+# little past the grid's end before its mask applies: keep a margin below 2**31.
+MAX_TOKENS = 2 ** 31 - 2 ** 12
+
+
+def check_index_range(q, k) -> None:
+    """Refuse grids whose raster indices would not fit the kernels' int32, with a clear error."""
+    for name, x in (("q", q), ("k", k)):
+        n = math.prod(x.shape[1:4])
+        if n > MAX_TOKENS:
+            raise ValueError(f"backend='triton' indexes a grid's tokens in int32: {name} grid "
+                             f"{tuple(x.shape[1:4])} has {n} tokens, more than {MAX_TOKENS} (2**31 - 2**12)")
+
+
+def needs_wide_index(q_grid, kv_grid, extent) -> bool:
+    """True when some axis's window arithmetic passes int32: the centre i * n_kv and
+    the query range's (k + e + 1) * n_q + n_kv - 1 reach (n_kv + e) * n_q + n_kv."""
+    return any((n_kv + e) * n_q + n_kv > INT32_MAX for n_q, n_kv, e in zip(q_grid, kv_grid, extent))
+
+
 def _configs(q, k, extent, arch) -> dict:
+    check_index_range(q, k)
     return configs.pick_configs(tuple(q.shape[1:4]), tuple(k.shape[1:4]), extent, q.shape[-1], q.dtype,
                                 arch or configs.device_arch(q.device))
-
-
-def _meta(cfg: LaunchConfig, causal: bool, dtype, D: int) -> dict:
-    # The walked tile is one frame deep (fwd/dq: keys, dkdv: queries); see configs.plan_tiles.
-    tiles = (dict(BH=cfg.q_tile[1], BW=cfg.q_tile[2], KT=cfg.k_tile[0], KH=cfg.k_tile[1], KW=cfg.k_tile[2])
-             if cfg.kernel == "dkdv" else
-             dict(BT=cfg.q_tile[0], BH=cfg.q_tile[1], BW=cfg.q_tile[2], KH=cfg.k_tile[1], KW=cfg.k_tile[2]))
-    return dict(**tiles, BLOCK_D=cfg.block_d, CAUSAL=causal, UPCAST_DOT=upcast_dot(dtype),
-                EVEN_D=_even_d(cfg, D), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _even_d(cfg: LaunchConfig, D: int) -> bool:
     """True when the head dim needs no mask (D = 16, 32, ... 256: every NÜWA size),
     so loads vectorise without a predicate per lane."""
     return D == cfg.block_d
+
+
+def _meta(cfg: LaunchConfig, q, k, extent, causal: bool) -> dict:
+    # The walked tile is one frame deep (fwd/dq: keys, dkdv: queries); see configs.plan_tiles.
+    tiles = (dict(BH=cfg.q_tile[1], BW=cfg.q_tile[2], KT=cfg.k_tile[0], KH=cfg.k_tile[1], KW=cfg.k_tile[2])
+             if cfg.kernel == "dkdv" else
+             dict(BT=cfg.q_tile[0], BH=cfg.q_tile[1], BW=cfg.q_tile[2], KH=cfg.k_tile[1], KW=cfg.k_tile[2]))
+    return dict(**tiles, BLOCK_D=cfg.block_d, CAUSAL=causal, UPCAST_DOT=upcast_dot(q.dtype),
+                EVEN_D=_even_d(cfg, q.shape[-1]),
+                WIDE_IDX=needs_wide_index(q.shape[1:4], k.shape[1:4], extent),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def fwd_launch(q, k, v, out, lse, extent, causal, scale, arch=None):
@@ -59,7 +83,7 @@ def fwd_launch(q, k, v, out, lse, extent, causal, scale, arch=None):
     grid = (B * n_heads * _n_tiles((T, H, W), cfg.q_tile),)
     args = [q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             T, H, W, T2, H2, W2, *extent, n_heads, D, scale * LOG2E]
-    return fwd_kernel, grid, args, _meta(cfg, causal, q.dtype, D)
+    return fwd_kernel, grid, args, _meta(cfg, q, k, extent, causal)
 
 
 def preprocess_launch(q, out, dout, delta, arch=None):
@@ -83,7 +107,7 @@ def dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale, arch
     args = [q, k, v, dout, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             T, H, W, T2, H2, W2, *extent, n_heads, D, scale, scale * LOG2E]
-    meta = _meta(cfg, causal, q.dtype, D)
+    meta = _meta(cfg, q, k, extent, causal)
     passes = [(True, False), (False, True)] if cfg.split_dkdv else [(True, True)]
     return [(bwd_dkdv_kernel, grid, args, dict(meta, DO_DK=a, DO_DV=b)) for a, b in passes]
 
@@ -97,7 +121,7 @@ def dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale, arch=None):
     args = [q, k, v, dout, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
             T, H, W, T2, H2, W2, *extent, n_heads, D, scale, scale * LOG2E]
-    return bwd_dq_kernel, grid, args, _meta(cfg, causal, q.dtype, D)
+    return bwd_dq_kernel, grid, args, _meta(cfg, q, k, extent, causal)
 
 
 def device_guard(device):
@@ -116,6 +140,7 @@ def forward(q, k, v, extent, causal: bool, scale: float,
             out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
     """Launch the forward; returns (out, lse). ``out`` (any strides) and ``lse``
     (contiguous float32, ``stats_shape(q)``) may be preallocated, e.g. NaN-poisoned by tests."""
+    check_index_range(q, k)
     with device_guard(q.device):
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -129,6 +154,7 @@ def backward(q, k, v, out, lse, dout, extent, causal: bool, scale: float,
              dq=None, dk=None, dv=None, delta=None):
     """Launch preprocess, dK/dV and dQ; returns (dq, dk, dv). Buffers may be
     preallocated; ``dout`` is read through its strides (broadcast stride 0 included)."""
+    check_index_range(q, k)
     with device_guard(q.device):
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
