@@ -1,6 +1,6 @@
 """One list of 3DNA problems shared by tests, benchmarks and the README.
 
-``WORKLOADS`` are the named workloads of SPEC.md section 3. ``TEST_PROBLEMS``
+``WORKLOADS`` are the named workloads of docs/design.md section 6. ``TEST_PROBLEMS``
 are small, deliberately odd shapes (no size a multiple of any block) for
 correctness tests, including under the Triton interpreter.
 """
@@ -50,7 +50,7 @@ class Problem:
         return count_visible(self.q_grid, self.kv, self.resolved_extent, self.causal)
 
     def flops(self, backward: bool = False) -> float:
-        """Useful FLOPs (SPEC.md section 3): 4*D*heads*B*pairs; backward counts 2.5x."""
+        """Useful FLOPs (docs/design.md section 1): 4*D*heads*B*pairs; backward counts 2.5x."""
         f = 4.0 * self.D * self.heads * self.B * self.visible_pairs()
         return f * 3.5 if backward else f
 

@@ -43,7 +43,7 @@ def dense_nearby_attention(q, k, v, extent, causal: bool = False, scale=None) ->
 
 
 def brute_force_nearby_attention(q, k, v, extent, causal: bool = False, scale=None) -> torch.Tensor:
-    """3DNA straight from its definition (SPEC.md section 1), one query at a time, in float64.
+    """3DNA straight from its definition (docs/design.md section 1), one query at a time, in float64.
 
     Tiny sizes only: it is the check on the dense path's mask, not a backend.
     """

@@ -1,6 +1,6 @@
 """torch.compile(fullgraph=True) of nearby_attention and NearbyAttention3D on CPU.
 
-The torch path is a torch.library custom op (nuwa3dna/custom_op.py) with a fake
+The CPU backend is a torch.library custom op (kernels/cpu/op.py) with a fake
 implementation and a registered backward, so Dynamo traces it without graph
 breaks. One tiny shape only: compiling is slow on 2 cores.
 Untested here: the Triton custom ops under compile (needs a GPU).
