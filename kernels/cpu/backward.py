@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from nuwa3dna.kernels.cpu.forward import Call, add_window_bias, chunks, guarded
+from nuwa3dna.kernels.cpu.forward import Call, add_window_bias, blocks, chunks, guarded
 from nuwa3dna.kernels.cpu.layout import strips_kv, tile_rows, unstrip, untile_rows
 from nuwa3dna.kernels.cpu.planner import CpuConfig
 from nuwa3dna.kernels.cpu.workers import run, split
@@ -45,33 +45,22 @@ def _backward(dout, q, k, v, out, lse, causal, scale, c: Call, config: CpuConfig
         pbuf, dpbuf = (torch.empty(size, dtype=acc, device=q.device) for _ in range(2))
         tq = torch.empty(n_max * c.max_nf * nq * D, dtype=acc, device=q.device)
         tk = torch.empty(n_max * nk * D, dtype=acc, device=q.device)
-        for b0, b1, j in groups:
-            r0 = g.row_start[j]
-            n = (b1 - b0) * ns
-            rows = slice(b0 * ns, b1 * ns)
-            for a, (t0, t1) in enumerate(g.qframes):
-                nf = t1 - t0
-                if nf <= 0:
-                    continue
-                M = nf * nq
-                qc = qs[j, rows, t0:t1].reshape(n, M, D)
-                doc = dos[j, rows, t0:t1].reshape(n, M, D)
-                kc = ks[b0:b1, :, a, r0:r0 + g.lh].reshape(n, nk, D)
-                vc = vs[b0:b1, :, a, r0:r0 + g.lh].reshape(n, nk, D)
-                p = pbuf[:n * M * nk].view(n, M, nk)                   # [n, M, nk]
-                dp = dpbuf[:n * M * nk].view(n, M, nk)                 # [n, M, nk]
-                torch.bmm(qc, kc.transpose(1, 2), out=p)
-                torch.bmm(doc, vc.transpose(1, 2), out=dp)
-                add_window_bias(p.view(b1 - b0, ns, nf, nq, nk), c.bias, j, causal and t0 == a)
-                p.sub_(lses[j, rows, t0:t1].reshape(n, M, 1)).exp_()
-                dp.sub_(deltas[j, rows, t0:t1].reshape(n, M, 1)).mul_(p)     # dS
-                tmp_q = tq[:n * M * D].view(n, M, D)
-                tmp_k = tk[:n * nk * D].view(n, nk, D)
-                dqs[j, rows, t0:t1].view(n, M, D).add_(torch.bmm(dp, kc, out=tmp_q))
-                dks[b0:b1, :, a, r0:r0 + g.lh].view(n, nk, D).add_(
-                    torch.bmm(dp.transpose(1, 2), qc, out=tmp_k))
-                dvs[b0:b1, :, a, r0:r0 + g.lh].view(n, nk, D).add_(
-                    torch.bmm(p.transpose(1, 2), doc, out=tmp_k))
+        for blk in blocks(g, groups):
+            n, M = blk.n, blk.M
+            qc, doc = blk.queries(qs, ns), blk.queries(dos, ns)               # [n, M, D]
+            kc, vc = blk.keys(ks), blk.keys(vs)                               # [n, nk, D]
+            p = pbuf[:n * M * nk].view(n, M, nk)                              # [n, M, nk]
+            dp = dpbuf[:n * M * nk].view(n, M, nk)                            # [n, M, nk]
+            torch.bmm(qc, kc.transpose(1, 2), out=p)
+            torch.bmm(doc, vc.transpose(1, 2), out=dp)
+            add_window_bias(p.view(blk.b1 - blk.b0, ns, -1, nq, nk), c.bias, blk.j, causal and blk.t0 == blk.a)
+            p.sub_(blk.queries(lses, ns).unsqueeze(-1)).exp_()
+            dp.sub_(blk.queries(deltas, ns).unsqueeze(-1)).mul_(p)           # dS
+            tmp_q = tq[:n * M * D].view(n, M, D)
+            tmp_k = tk[:n * nk * D].view(n, nk, D)
+            blk.queries(dqs, ns).add_(torch.bmm(dp, kc, out=tmp_q))
+            blk.keys(dks).add_(torch.bmm(dp.transpose(1, 2), qc, out=tmp_k))
+            blk.keys(dvs).add_(torch.bmm(p.transpose(1, 2), doc, out=tmp_k))
 
     # Key halos of neighbouring row tiles overlap, so the dK/dV accumulations of
     # two workers must never meet: workers own disjoint batch*head ranges.

@@ -54,6 +54,40 @@ def chunks(c: Call, config: CpuConfig, min_parts: int = 1):
     return [(b0, min(c.BH, b0 + step)) for b0 in range(0, c.BH, step)]
 
 
+@dataclass(frozen=True)
+class Block:
+    """One step of the tile loops: batch*head rows b0..b1 of row tile j against key frame a,
+    with the query frames t0..t1 that see it stacked into M = nf*bh*bw rows."""
+    b0: int
+    b1: int
+    j: int
+    a: int
+    t0: int
+    t1: int
+    n: int            # (b1 - b0) * strips: the bmm batch
+    M: int
+    nk: int
+    halo: slice       # key rows of the tile's halo in the padded strip layout
+
+    def queries(self, x: torch.Tensor, ns: int) -> torch.Tensor:
+        """Rows of a ``tile_rows`` layout (nht, BH*ns, T, nq, *rest): an (n, M, *rest) view
+        (a view, never a copy: the loops accumulate into it in place)."""
+        return x[self.j, self.b0 * ns:self.b1 * ns, self.t0:self.t1].view(self.n, self.M, *x.shape[4:])
+
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """The halo of a strip layout (BH, ns, T2, h2p, lw, D): (n, nk, D)."""
+        return x[self.b0:self.b1, :, self.a, self.halo].view(self.n, self.nk, x.shape[-1])
+
+
+def blocks(g: Geometry, groups):
+    """The loop steps of ``groups`` (b0, b1, j), key frames in order; frames nobody sees are skipped."""
+    for b0, b1, j in groups:
+        halo = slice(g.row_start[j], g.row_start[j] + g.lh)
+        for a, (t0, t1) in enumerate(g.qframes):
+            if t1 > t0:
+                yield Block(b0, b1, j, a, t0, t1, (b1 - b0) * g.ns, (t1 - t0) * g.bh * g.bw, g.lh * g.lw, halo)
+
+
 def add_window_bias(s: torch.Tensor, bias: torch.Tensor, j: int, own_frame_first: bool) -> None:
     """Add row tile ``j``'s mask to scores ``s`` (b, ns, nf, nq, nk) in place. When the
     first stacked query frame is the key frame itself (causal), it gets the raster mask."""
@@ -87,7 +121,6 @@ def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig):
 
 def _forward(q, k, v, causal, scale, c: Call, config: CpuConfig):
     g, acc, ws = c.g, c.acc, c.ws
-    D = q.shape[-1]
     ns, nq, nk = g.ns, g.bh * g.bw, g.lh * g.lw
     qs = tile_rows(q, g, acc, ws, "q", scale)              # (nht, BH*ns, T, nq, D), pre-scaled
     ks, vs = strips_kv(k, v, g, acc, ws, c.workers)        # (BH, ns, T2, h2p, lw, D)
@@ -101,30 +134,18 @@ def _forward(q, k, v, causal, scale, c: Call, config: CpuConfig):
 
     def work(groups):
         buf = torch.empty(size, dtype=acc, device=q.device)
-        for b0, b1, j in groups:
-            r0 = g.row_start[j]
-            n = (b1 - b0) * ns
-            rows = slice(b0 * ns, b1 * ns)
-            for a, (t0, t1) in enumerate(g.qframes):
-                nf = t1 - t0
-                if nf <= 0:
-                    continue
-                M = nf * nq
-                qc = qs[j, rows, t0:t1].reshape(n, M, D)
-                kc = ks[b0:b1, :, a, r0:r0 + g.lh].reshape(n, nk, D)
-                vc = vs[b0:b1, :, a, r0:r0 + g.lh].reshape(n, nk, D)
-                s = buf[:n * M * nk].view(n, M, nk)                    # [n, M, nk]
-                torch.bmm(qc, kc.transpose(1, 2), out=s)
-                add_window_bias(s.view(b1 - b0, ns, nf, nq, nk), c.bias, j, causal and t0 == a)
-                mc = mst[j, rows, t0:t1].reshape(n, M)
-                lc = lst[j, rows, t0:t1].reshape(n, M)
-                oc = os_[j, rows, t0:t1].reshape(n, M, D)
-                m_new = torch.maximum(mc, s.amax(-1))
-                alpha = mc.sub_(m_new).exp_()    # exp(m_old - m_new); 0 on the first frame
-                s.sub_(m_new.unsqueeze(-1)).exp_()
-                lc.mul_(alpha).add_(s.sum(-1))
-                oc.mul_(alpha.unsqueeze(-1)).baddbmm_(s, vc)
-                mc.copy_(m_new)
+        for blk in blocks(g, groups):
+            n, M = blk.n, blk.M
+            s = buf[:n * M * nk].view(n, M, nk)                        # [n, M, nk]
+            torch.bmm(blk.queries(qs, ns), blk.keys(ks).transpose(1, 2), out=s)
+            add_window_bias(s.view(blk.b1 - blk.b0, ns, -1, nq, nk), c.bias, blk.j, causal and blk.t0 == blk.a)
+            mc, lc, oc = blk.queries(mst, ns), blk.queries(lst, ns), blk.queries(os_, ns)
+            m_new = torch.maximum(mc, s.amax(-1))
+            alpha = mc.sub_(m_new).exp_()    # exp(m_old - m_new); 0 on the first frame
+            s.sub_(m_new.unsqueeze(-1)).exp_()
+            lc.mul_(alpha).add_(s.sum(-1))
+            oc.mul_(alpha.unsqueeze(-1)).baddbmm_(s, blk.keys(vs))
+            mc.copy_(m_new)
 
     groups = [(b0, b1, j) for b0, b1 in parts for j in range(g.nht)]
     run(work, split(groups, config.parts_per_worker * c.workers), c.workers)
