@@ -20,11 +20,8 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from nuwa3dna.kernels.autograd import contiguous_like, wire
 from nuwa3dna.kernels.triton.launch import backward, forward, stats_shape
-
-
-def _contiguous_like(x: Tensor) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("nuwa3dna::triton_fwd", mutates_args=())
@@ -35,7 +32,7 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, extent: List[int], causal: bool,
 
 @triton_fwd.register_fake
 def _(q, k, v, extent, causal, scale):
-    return _contiguous_like(q), q.new_empty(stats_shape(q), dtype=torch.float32)
+    return contiguous_like(q), q.new_empty(stats_shape(q), dtype=torch.float32)
 
 
 @torch.library.custom_op("nuwa3dna::triton_bwd", mutates_args=())
@@ -46,33 +43,7 @@ def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
     return backward(q, k, v, out, lse, dout, tuple(extent), causal, scale)
 
 
-@triton_bwd.register_fake
-def _(dout, q, k, v, out, lse, extent, causal, scale):
-    return _contiguous_like(q), _contiguous_like(k), _contiguous_like(v)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, extent, causal, scale = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = (list(extent), bool(causal), float(scale))
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = triton_bwd(dout, q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None
-
-
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "nearby_attention: the gradient of the 3DNA backward (double backward) is not implemented "
-        "for backend='torch' or 'triton'; use backend='dense' for higher-order gradients")
-
-
-triton_fwd.register_autograd(_backward, setup_context=_setup_context)
-triton_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+wire(triton_fwd, triton_bwd)
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, extent: Sequence[int], causal: bool,
