@@ -1,0 +1,56 @@
+"""``backend="auto"``: one decision (``choose_backend``), and auto returns exactly what the
+backend it names returns, forward and gradients, on both sides of the measured crossover."""
+import logging
+
+import pytest
+import torch
+
+from nuwa3dna import nearby_attention
+from nuwa3dna.dispatch import DENSE_MAX_SCORES, choose_backend
+from nuwa3dna.problems import Problem
+
+CASES = [
+    Problem(2, (4, 8, 8), 2, 16, (1, 3, 3), causal=True),          # the model's video layer: dense
+    Problem(1, (1, 1, 33), 2, 8, (0, 0, None)),                     # text: dense
+    Problem(1, (4, 16, 17), 1, 8, (1, 2, 2)),                       # 1.2e6 scores, 4% visible: tile
+    Problem(1, (4, 16, 17), 1, 8, (None, 6, None), kv_grid=(4, 16, 16)),   # wide window: dense
+]
+
+
+@pytest.mark.parametrize("p", CASES, ids=lambda p: p.id)
+def test_auto_is_the_named_backend(p, gen):
+    q, k, v = p.make(torch.float32, generator=gen)
+    named, why = choose_backend(q, k, p.resolved_extent, p.causal)
+    assert named in ("dense", "torch") and why
+    dout = torch.randn(q.shape, generator=gen)
+    results = []
+    for backend in ("auto", named):
+        xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        out = nearby_attention(*xs, p.extent, causal=p.causal, backend=backend)
+        results.append((out, *torch.autograd.grad(out, xs, dout)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_crossover_sides(gen):
+    small = CASES[0].make(generator=gen)
+    assert choose_backend(small[0], small[1], CASES[0].resolved_extent, True)[0] == "dense"
+    big = CASES[2].make(generator=gen)
+    assert 17 * 16 * 4 * 17 * 16 * 4 > DENSE_MAX_SCORES
+    assert choose_backend(big[0], big[1], CASES[2].resolved_extent, False)[0] == "torch"
+
+
+def test_cuda_goes_to_triton():
+    q = torch.empty(1, 2, 2, 2, 1, 8, device="meta")
+    fake = type("FakeCuda", (), {"device": torch.device("cuda", 0), "dtype": torch.bfloat16,
+                                 "shape": q.shape})()
+    assert choose_backend(fake, fake, (1, 1, 1), False)[0] == "triton"
+    fake.dtype = torch.float64
+    assert choose_backend(fake, fake, (1, 1, 1), False)[0] == "torch"
+
+
+def test_reason_logged_at_debug(gen, caplog):
+    q, k, v = CASES[0].make(generator=gen)
+    with caplog.at_level(logging.DEBUG, logger="nuwa3dna"):
+        nearby_attention(q, k, v, CASES[0].extent, causal=True)
+    assert any("backend='dense'" in r.getMessage() for r in caplog.records)
