@@ -1,43 +1,32 @@
 """``choose_backend``: which backend ``backend="auto"`` runs, and why (logged at debug level).
 
-On CUDA: the fused Triton kernels (float64 goes to the tile path). On CPU: the
-tile path, except where dense masked SDPA (one fused kernel, no Python loop per
-tile) is faster. Measured with ``python -m benchmarks.crossover`` (2 cores,
-float32, dense time / tile time, forward and forward + backward; table in
-benchmarks/NOTES.md), what decides is the score matrix of one head, Nq x Nk,
-and the share of it that is visible:
-
-* Nq*Nk <= 2**19: dense, e.g. the shipped model's layers (4x8x8 video,
-  Nq*Nk = 65,536: dense 3-8x faster at batch 1-16) and nuwa-image (194,481:
-  0.77 / 0.75); at 2.6e5-5.9e5 the two are within 0.7-1.6x of each other.
-* Nq*Nk > 2**19 with a window: tile (1.05e6 at 9.5% visible: tile 1.7x / 1.5x
-  faster; nuwa-video 1.9e7: 3.3x / 2.5x; cpu-mid 6.7e7: 23x / 15x).
-* at least a quarter visible (wide windows, extent None) and Nq*Nk <= 2**24:
-  dense, which then wastes little (1.05e6 at 62.5% visible: dense 4.8x faster;
-  at 100%: 1.4-9x). Above 2**24 the dense mask alone would pass 16 MiB per head.
+CUDA tensors: the fused Triton kernels (float64 goes to the tile backend).
+Everything else: the ``torch`` backend, which itself picks the faster of its two
+strategies per problem (``nuwa3dna.kernels.cpu.sdpa.use_sdpa``): the tile loops,
+or PyTorch's fused flash kernel with the window mask where one head's score
+matrix is small (Nq*Nk <= 2**19) or at least a quarter visible (up to 2**22).
+The crossover was measured with ``python -m benchmarks.crossover`` (2 cores,
+float32, dense / tile time, forward and forward + backward; table in
+benchmarks/NOTES.md): the shipped model's layers (4x8x8 video, Nq*Nk = 65,536)
+run 3-8x faster fused, nuwa-image (194,481) 1.3x; at 1.05e6 with 9.5% visible
+the tiles win 1.7x, at nuwa-video 3.3x, at cpu-mid 23x; at 1.05e6 with 62.5%
+visible the fused kernel wins 4.8x. The fused strategy equals
+``backend="dense"`` (the same kernel) but runs on the backend's worker threads,
+so it keeps the thread and fork rules of docs/design.md section 4, which a
+plain SDPA call in the caller's thread would not.
 """
 from __future__ import annotations
 
 import logging
-import math
-from functools import lru_cache
 from typing import Tuple
 
 import torch
 
 from nuwa3dna.checks import TRITON_DTYPES
-from nuwa3dna.kernels.geometry import count_visible
+from nuwa3dna.kernels.cpu import planner
+from nuwa3dna.kernels.cpu.sdpa import use_sdpa
 
 log = logging.getLogger("nuwa3dna")
-
-DENSE_MAX_SCORES = 1 << 19        # per head, Nq*Nk: dense whatever the window below this
-DENSE_MAX_SCORES_WIDE = 1 << 24   # per head: dense for wide windows up to this
-WIDE_FRACTION = 0.25              # visible / (Nq*Nk) that counts as wide
-
-
-@lru_cache(maxsize=1024)
-def _visible_fraction(q_grid, kv_grid, extent, causal) -> float:
-    return count_visible(q_grid, kv_grid, extent, causal) / (math.prod(q_grid) * math.prod(kv_grid))
 
 
 def choose_backend(q: torch.Tensor, k: torch.Tensor, extent, causal: bool) -> Tuple[str, str]:
@@ -45,16 +34,11 @@ def choose_backend(q: torch.Tensor, k: torch.Tensor, extent, causal: bool) -> Tu
     if q.device.type == "cuda":
         if q.dtype in TRITON_DTYPES:
             return "triton", "CUDA tensor in a Triton dtype"
-        return "torch", f"{q.dtype} on CUDA: the tile path (the Triton kernels take fp32/fp16/bf16)"
+        return "torch", f"{q.dtype} on CUDA: the tile backend (the Triton kernels take fp32/fp16/bf16)"
     q_grid, kv_grid = tuple(q.shape[1:4]), tuple(k.shape[1:4])
-    scores = math.prod(q_grid) * math.prod(kv_grid)
-    if q.device.type == "cpu":
-        if scores <= DENSE_MAX_SCORES:
-            return "dense", f"Nq*Nk = {scores} <= {DENSE_MAX_SCORES}: dense SDPA is faster at this size"
-        frac = _visible_fraction(q_grid, kv_grid, tuple(extent), bool(causal))
-        if frac >= WIDE_FRACTION and scores <= DENSE_MAX_SCORES_WIDE:
-            return "dense", f"{100 * frac:.0f}% of Nq*Nk = {scores} visible: dense SDPA wastes little"
-    return "torch", f"tile path: Nq*Nk = {scores}, a small share visible"
+    if use_sdpa(q_grid, kv_grid, extent, causal, planner.DEFAULT):
+        return "torch", "CPU backend, fused-kernel strategy (small or widely visible score matrix)"
+    return "torch", "CPU backend, tile strategy (large score matrix, a small share visible)"
 
 
 def resolve_auto(q, k, extent, causal) -> str:

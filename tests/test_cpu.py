@@ -1,15 +1,21 @@
-"""The CPU tile backend (``backend="torch"``) through the public API, against the dense reference.
+"""The CPU backend (``backend="torch"``) through the public API, against the dense reference.
 
+Both strategies of the backend (the tile loops and the fused flash kernel with
+the window mask, chosen per problem by ``sdpa.use_sdpa``) are forced in turn
+by the ``strategy`` fixture, which swaps the backend's frozen default config.
 Forward and dq/dk/dv on every TEST_PROBLEM in float32; float16/bfloat16 under
 the FlashAttention rule with peaky logits across head dims; float64 gradcheck;
 the gradients autograd really hands over (stride-0 and non-contiguous dO);
 odd tile shapes and worker counts through the backend's own entry points with
 a ``CpuConfig``. Speed is measured in benchmarks/, never here.
 """
+import dataclasses
+
 import pytest
 import torch
 
 from nuwa3dna import NearbyAttention3D, nearby_attention
+from nuwa3dna.kernels.cpu import planner
 from nuwa3dna.kernels.cpu.backward import backward
 from nuwa3dna.kernels.cpu.forward import forward
 from nuwa3dna.kernels.cpu.planner import CpuConfig
@@ -17,6 +23,15 @@ from nuwa3dna.problems import TEST_PROBLEMS, WORKLOADS, Problem
 from nuwa3dna.reference import dense_nearby_attention
 
 IDS = [p.id for p in TEST_PROBLEMS]
+STRATEGIES = {"tiles": dict(fused_max_scores=0, fused_max_scores_wide=0),
+              "fused": dict(fused_max_scores=1 << 40)}
+
+
+@pytest.fixture(params=list(STRATEGIES))
+def strategy(request, monkeypatch):
+    """Run the test with the CPU backend forced to one strategy."""
+    monkeypatch.setattr(planner, "DEFAULT", dataclasses.replace(planner.DEFAULT, **STRATEGIES[request.param]))
+    return request.param
 
 
 def _ours(p, scale=None):
@@ -40,7 +55,7 @@ def _inputs(p, dtype, gen, spread=1.0):
 
 
 @pytest.mark.parametrize("p", TEST_PROBLEMS, ids=IDS)
-def test_forward_backward_fp32(p, gen):
+def test_forward_backward_fp32(p, gen, strategy):
     (q, k, v), dout = _inputs(p, torch.float32, gen)
     ours, ref = _run(_ours(p), q, k, v, dout), _run(_dense(p), q, k, v, dout)
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
@@ -53,7 +68,7 @@ LOWP = [Problem(2, (3, 5, 7), 2, d, (1, 2, 2), causal=c) for d, c in ((8, True),
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("p", LOWP + [TEST_PROBLEMS[6]], ids=lambda p: p.id)
-def test_low_precision_flash_rule(p, dtype, gen):
+def test_low_precision_flash_rule(p, dtype, gen, strategy):
     """err(ours vs fp64) <= 2 * err(dense SDPA in dtype vs fp64) + atol, for out, dq, dk, dv,
     with logits 9x the unit-variance ones (q, k scaled by 3) and a scale that is not a power of two."""
     (q, k, v), dout = _inputs(p, dtype, gen, spread=3.0)
@@ -71,12 +86,12 @@ def test_low_precision_flash_rule(p, dtype, gen):
     Problem(1, (2, 3, 4), 2, 4, (1, 1, 1), causal=True),
     Problem(2, (2, 3, 3), 1, 3, (0, 1, 1), kv_grid=(3, 2, 4)),
 ], ids=lambda p: p.id)
-def test_gradcheck_fp64(p, gen):
+def test_gradcheck_fp64(p, gen, strategy):
     q, k, v = p.make(torch.float64, requires_grad=True, generator=gen)
     assert torch.autograd.gradcheck(_ours(p, scale=0.7), (q, k, v))
 
 
-def test_gradients_autograd_hands_over(gen):
+def test_gradients_autograd_hands_over(gen, strategy):
     """out.sum() gives a stride-0 dO; a transposed loss gives a non-contiguous one."""
     p = TEST_PROBLEMS[1]
     (q, k, v), _ = _inputs(p, torch.float32, gen)
@@ -89,7 +104,7 @@ def test_gradients_autograd_hands_over(gen):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
-def test_non_contiguous_inputs(gen):
+def test_non_contiguous_inputs(gen, strategy):
     p = TEST_PROBLEMS[6]
     q, k, v = p.make(torch.float32, generator=gen)
     qn = q.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -102,7 +117,7 @@ def test_non_contiguous_inputs(gen):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
-def test_module_backend_torch_matches_dense(gen):
+def test_module_backend_torch_matches_dense(gen, strategy):
     torch.manual_seed(0)
     attn = NearbyAttention3D(24, heads=3, dim_head=8, extent=(1, 2, 1), causal=True, backend="torch")
     x = torch.randn(2, 3, 5, 6, 24, generator=gen)
@@ -150,7 +165,7 @@ def test_small_chunks_and_worker_counts(gen):
 
 
 @pytest.mark.parametrize("name", ["nuwa-video", "cross-sketch", "cpu-mid"])
-def test_workload_geometry_scaled(name, gen):
+def test_workload_geometry_scaled(name, gen, strategy):
     """The named workloads' geometry (extent, causal, rescaled centres) at a smaller size."""
     p = WORKLOADS[name].scaled(t=2, h=3, w=3)
     p = Problem(p.B, p.q_grid, 2, 16, p.extent, p.causal, p.kv_grid)
@@ -159,7 +174,7 @@ def test_workload_geometry_scaled(name, gen):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
-def test_workspace_reuse_does_not_leak_between_calls(gen):
+def test_workspace_reuse_does_not_leak_between_calls(gen, strategy):
     """Scratch buffers are reused: a second, different call must not see stale data."""
     for p in (TEST_PROBLEMS[0], TEST_PROBLEMS[4], TEST_PROBLEMS[0]):
         (q, k, v), _ = _inputs(p, torch.float32, gen)

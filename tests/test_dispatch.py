@@ -1,19 +1,22 @@
 """``backend="auto"``: one decision (``choose_backend``), and auto returns exactly what the
-backend it names returns, forward and gradients, on both sides of the measured crossover."""
+backend it names returns, forward and gradients, on both sides of the measured crossover
+(the CPU backend's fused-kernel and tile strategies, ``kernels/cpu/sdpa.use_sdpa``)."""
 import logging
 
 import pytest
 import torch
 
 from nuwa3dna import nearby_attention
-from nuwa3dna.dispatch import DENSE_MAX_SCORES, choose_backend
+from nuwa3dna.dispatch import choose_backend
+from nuwa3dna.kernels.cpu.planner import DEFAULT
+from nuwa3dna.kernels.cpu.sdpa import use_sdpa
 from nuwa3dna.problems import Problem
 
 CASES = [
-    Problem(2, (4, 8, 8), 2, 16, (1, 3, 3), causal=True),          # the model's video layer: dense
-    Problem(1, (1, 1, 33), 2, 8, (0, 0, None)),                     # text: dense
-    Problem(1, (4, 16, 17), 1, 8, (1, 2, 2)),                       # 1.2e6 scores, 4% visible: tile
-    Problem(1, (4, 16, 17), 1, 8, (None, 6, None), kv_grid=(4, 16, 16)),   # wide window: dense
+    Problem(2, (4, 8, 8), 2, 16, (1, 3, 3), causal=True),          # the model's video layer: fused
+    Problem(1, (1, 1, 33), 2, 8, (0, 0, None)),                     # text: fused
+    Problem(1, (4, 16, 17), 1, 8, (1, 2, 2)),                       # 1.2e6 scores, 4% visible: tiles
+    Problem(1, (4, 16, 17), 1, 8, (None, 6, None), kv_grid=(4, 16, 16)),   # wide window: fused
 ]
 
 
@@ -21,7 +24,7 @@ CASES = [
 def test_auto_is_the_named_backend(p, gen):
     q, k, v = p.make(torch.float32, generator=gen)
     named, why = choose_backend(q, k, p.resolved_extent, p.causal)
-    assert named in ("dense", "torch") and why
+    assert named == "torch" and why
     dout = torch.randn(q.shape, generator=gen)
     results = []
     for backend in ("auto", named):
@@ -32,12 +35,15 @@ def test_auto_is_the_named_backend(p, gen):
         assert torch.equal(a, b)
 
 
-def test_crossover_sides(gen):
-    small = CASES[0].make(generator=gen)
-    assert choose_backend(small[0], small[1], CASES[0].resolved_extent, True)[0] == "dense"
-    big = CASES[2].make(generator=gen)
-    assert 17 * 16 * 4 * 17 * 16 * 4 > DENSE_MAX_SCORES
-    assert choose_backend(big[0], big[1], CASES[2].resolved_extent, False)[0] == "torch"
+@pytest.mark.parametrize("p,fused", zip(CASES, (True, True, False, True)), ids=[p.id for p in CASES])
+def test_strategies_match_dense(p, fused, gen):
+    """Both strategies of the CPU backend agree with the dense reference; the fused one bit for bit
+    where the dense reference reaches the same kernel (contiguous inputs, float32)."""
+    assert use_sdpa(p.q_grid, p.kv, p.resolved_extent, p.causal, DEFAULT) == fused
+    q, k, v = p.make(torch.float32, generator=gen)
+    ours = nearby_attention(q, k, v, p.extent, causal=p.causal, backend="torch")
+    dense = nearby_attention(q, k, v, p.extent, causal=p.causal, backend="dense")
+    torch.testing.assert_close(ours, dense, atol=2e-6, rtol=1e-5)
 
 
 def test_cuda_goes_to_triton():
@@ -53,4 +59,4 @@ def test_reason_logged_at_debug(gen, caplog):
     q, k, v = CASES[0].make(generator=gen)
     with caplog.at_level(logging.DEBUG, logger="nuwa3dna"):
         nearby_attention(q, k, v, CASES[0].extent, causal=True)
-    assert any("backend='dense'" in r.getMessage() for r in caplog.records)
+    assert any("fused-kernel strategy" in r.getMessage() for r in caplog.records)

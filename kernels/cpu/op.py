@@ -6,8 +6,11 @@
 Each is opaque to ``torch.compile`` (fullgraph) with a fake implementation for
 shape propagation; the backward is registered with ``register_autograd``.
 Inputs are validated by ``nuwa3dna.checks`` before they get here; ``extent`` is
-resolved (three ints). The ops run on any device (pure torch); worker threads
-are used on CPU only. Differentiating the backward again raises a clear error.
+resolved (three ints). Two strategies, chosen per problem by ``sdpa.use_sdpa``
+(the measured crossover): the tile loops (``forward``/``backward``) and, for
+small or widely visible score matrices, PyTorch's fused flash kernel with the
+window mask (``sdpa``). Both save the same natural log-sum-exp. The ops run on
+any device (pure torch); worker threads are used on CPU only. Differentiating the backward again raises a clear error.
 """
 from __future__ import annotations
 
@@ -17,9 +20,9 @@ import torch
 from torch import Tensor
 
 from nuwa3dna.kernels.autograd import contiguous_like, wire
+from nuwa3dna.kernels.cpu import planner, sdpa
 from nuwa3dna.kernels.cpu.backward import backward
 from nuwa3dna.kernels.cpu.forward import forward
-from nuwa3dna.kernels.cpu.planner import DEFAULT
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -29,7 +32,9 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("nuwa3dna::torch_fwd", mutates_args=())
 def torch_fwd(q: Tensor, k: Tensor, v: Tensor, extent: List[int], causal: bool,
               scale: float) -> Tuple[Tensor, Tensor]:
-    return forward(q, k, v, tuple(extent), causal, scale, DEFAULT)
+    config = planner.DEFAULT
+    impl = sdpa.forward if sdpa.use_sdpa(q.shape[1:4], k.shape[1:4], extent, causal, config) else forward
+    return impl(q, k, v, tuple(extent), causal, scale, config)
 
 
 @torch_fwd.register_fake
@@ -40,7 +45,9 @@ def _(q, k, v, extent, causal, scale):
 @torch.library.custom_op("nuwa3dna::torch_bwd", mutates_args=())
 def torch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               extent: List[int], causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    return backward(dout, q, k, v, out, lse, tuple(extent), causal, scale, DEFAULT)
+    config = planner.DEFAULT
+    impl = sdpa.backward if sdpa.use_sdpa(q.shape[1:4], k.shape[1:4], extent, causal, config) else backward
+    return impl(dout, q, k, v, out, lse, tuple(extent), causal, scale, config)
 
 
 wire(torch_fwd, torch_bwd)

@@ -31,6 +31,10 @@ class CpuConfig:
     max_workers: cap on worker threads (None: torch's thread count of the caller).
     workspace_limit: bytes of scratch one thread keeps between calls.
     mask_cache_limit: bytes of cached window masks, over all geometries.
+    fused_max_scores, fused_max_scores_wide, fused_wide_fraction: where the
+        fused-kernel strategy (``sdpa``) replaces the tile loops: one head's
+        Nq*Nk at most the first, or at most the second with at least that
+        fraction visible (measured crossover, ``sdpa`` module doc).
     """
     chunk_elems: int = 320 * 1024
     parts_per_worker: int = 4
@@ -38,6 +42,9 @@ class CpuConfig:
     max_workers: Optional[int] = None
     workspace_limit: int = 1 << 30
     mask_cache_limit: int = 64 << 20
+    fused_max_scores: int = 1 << 19
+    fused_max_scores_wide: int = 1 << 22
+    fused_wide_fraction: float = 0.25
 
 
 DEFAULT = CpuConfig()
