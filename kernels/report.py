@@ -1,15 +1,19 @@
 """Ahead-of-time GPU report of the 3DNA kernels, without a GPU.
 
-``python -m nuwa3dna.kernels.report [--quick] [--json]`` compiles every kernel
-(forward, preprocess, dK/dV, dQ) for sm_90 and sm_80 with exactly the launch
-configuration the launchers pick (``triton.launch.*_launch`` build the arguments,
-block sizes, num_warps and num_stages; nothing is restated here), for head
-dims 16/32/64/128/256 and float16/bfloat16/float32, on the GPU workloads of
-SPEC.md (``gpu-large``: non-causal, ``nuwa-video``: causal). It prints per
-config: registers per thread and spill bytes (from ``ptxas -v`` on the PTX
-Triton produced, ptxas from the Triton wheel, same flags as Triton's), shared
-memory (Triton's metadata, checked against the arch's per-block limit) and
-whether the sm_90 PTX uses ``wgmma``.
+``python -m nuwa3dna.kernels.report [--quick] [--json] [--jobs N]`` compiles
+every kernel (forward, preprocess, dK/dV, dQ) for every architecture family of
+``kernels/triton/tables.py`` (sm_80, sm_86, sm_89, sm_90, sm_100, sm_120) with
+exactly the launch configuration the launchers pick (``triton.launch.*_launch``
+build the arguments, block sizes, num_warps and num_stages; nothing is
+restated here), for head dims 16/32/64/128/256 and float16/bfloat16/float32,
+on the GPU workloads of docs/design.md (``gpu-large``: non-causal, ``nuwa-video``:
+causal) and on ``long-axis`` (a 1 x 1 x 65536 causal grid, whose window
+arithmetic needs the kernels' int64 variant, WIDE_IDX). It prints per config:
+registers per thread and spill bytes (from ``ptxas -v`` on the PTX Triton
+produced, ptxas from the Triton wheel, same flags as Triton's), shared memory
+(Triton's metadata, checked against the family's per-block limit) and the
+matrix instructions the PTX uses (wgmma, tcgen05, mma.sync or none).
+The exit status is 1 if any config spills or exceeds its shared memory.
 
 Specialisation mirrors a real launch: arguments go through Triton's own
 ``native_specialize_impl`` with each parameter's do_not_specialize flags, on
@@ -29,10 +33,12 @@ if "nuwa3dna.kernels.triton.jit" not in sys.modules:
 
 import argparse
 import hashlib
+import itertools
 import json
 import re
 import subprocess
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List
 
 import torch
@@ -42,21 +48,24 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.autotuner import Heuristics
 
-from nuwa3dna.kernels.problems import WORKLOADS
+from nuwa3dna.kernels.problems import WORKLOADS, Problem
 from nuwa3dna.kernels.triton import configs, launch
+from nuwa3dna.kernels.triton.tables import SMEM_PER_BLOCK
 
-ARCHS = (90, 80)
+ARCHS = (80, 86, 89, 90, 100, 120)
 HEAD_DIMS = (16, 32, 64, 128, 256)
-# Largest shared memory one block may use: H100 227 KiB, A100 163 KiB.
-SMEM_LIMIT = {90: 232448, 80: 166912}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNELS = ("fwd", "preprocess", "dkdv", "dq")
 REPORT_WORKLOADS = ("gpu-large", "nuwa-video")
+PROBLEMS = {**WORKLOADS,
+            "long-axis": Problem(1, (1, 1, 65536), 8, 64, (0, 0, 32), causal=True, name="long-axis")}
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+DTYPE_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 def launch_specs(workload: str, D: int, dtype: torch.dtype, arch: int) -> Dict[str, tuple]:
     """The launches of a forward + backward of ``workload`` at head dim D on ``arch``."""
-    p = WORKLOADS[workload]
+    p = PROBLEMS[workload]
     scale = D ** -0.5
     extent = p.resolved_extent
 
@@ -128,9 +137,18 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     usage = {"regs": regs, "spill_stores": int(spill.group(1)), "spill_loads": int(spill.group(2))}
     os.makedirs(cache_dir, exist_ok=True)
-    with open(cache, "w") as f:
+    with open(cache + ".tmp%d" % os.getpid(), "w") as f:
         json.dump(usage, f)
+    os.replace(cache + ".tmp%d" % os.getpid(), cache)
     return usage
+
+
+def _mma(ptx: str) -> str:
+    """The matrix instructions of a kernel's PTX."""
+    for name, pattern in (("wgmma", "wgmma."), ("tcgen05", "tcgen05.mma"), ("mma.sync", "mma.sync")):
+        if pattern in ptx:
+            return name
+    return "none"
 
 
 def compile_spec(spec, arch: int) -> dict:
@@ -138,63 +156,97 @@ def compile_spec(spec, arch: int) -> dict:
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
     usage = _ptxas_usage(ptx, arch)
+    limit = SMEM_PER_BLOCK[configs.arch_family(arch)]
     return {
         "regs": usage["regs"],
         "spills": usage["spill_stores"] + usage["spill_loads"],
         "shared": compiled.metadata.shared,
-        "smem_ok": compiled.metadata.shared <= SMEM_LIMIT[arch],
-        "wgmma": "wgmma" in ptx,
+        "smem_limit": limit,
+        "smem_ok": compiled.metadata.shared <= limit,
+        "mma": _mma(ptx),
+        "wgmma": "wgmma." in ptx,
         "num_warps": options["num_warps"],
         "num_stages": options["num_stages"],
     }
 
 
-def report(workloads=REPORT_WORKLOADS, head_dims=HEAD_DIMS, dtypes=DTYPES, archs=ARCHS,
-           kernels=("fwd", "preprocess", "dkdv", "dq"), log=None) -> List[dict]:
+def _rows(job) -> List[dict]:
+    """Compile the launches of one (workload, D, dtype name, arch) for ``kernels``."""
+    wl, D, dt_name, arch, kernels = job
+    p, dt = PROBLEMS[wl], DTYPE_BY_NAME[dt_name]
+    cfgs = configs.pick_configs(p.q_grid, p.kv, p.resolved_extent, D, dt, arch)
     rows = []
-    for wl in workloads:
-        p = WORKLOADS[wl]
-        for D in head_dims:
-            for dt in dtypes:
-                for arch in archs:
-                    specs = launch_specs(wl, D, dt, arch)
-                    cfgs = configs.pick_configs(p.q_grid, p.kv, p.resolved_extent, D, dt, arch)
-                    for name, spec in specs.items():
-                        if name.split(":")[0] not in kernels:
-                            continue
-                        c = cfgs[name.split(":")[0]]
-                        tiles = ("x".join(map(str, c.q_tile)) + "/" + "x".join(map(str, c.k_tile))
-                                 if name != "preprocess" else str(c.block_q))
-                        row = {"workload": wl, "kernel": name, "D": D, "dtype": DTYPE_NAMES[dt],
-                               "arch": f"sm_{arch}", "tiles": tiles, **compile_spec(spec, arch)}
-                        rows.append(row)
-                        if log:
-                            log(row)
+    for name, spec in launch_specs(wl, D, dt, arch).items():
+        kind = name.split(":")[0]
+        if kind not in kernels:
+            continue
+        c = cfgs[kind]
+        tiles = ("x".join(map(str, c.q_tile)) + "/" + "x".join(map(str, c.k_tile))
+                 if kind != "preprocess" else str(c.block_q))
+        rows.append({"workload": wl, "kernel": name, "D": D, "dtype": dt_name, "arch": f"sm_{arch}",
+                     "family": configs.arch_family(arch), "tiles": tiles,
+                     "wide_idx": bool(spec[3].get("WIDE_IDX", False)), **compile_spec(spec, arch)})
     return rows
 
 
+def report(workloads=REPORT_WORKLOADS, head_dims=HEAD_DIMS, dtypes=DTYPES, archs=ARCHS, kernels=KERNELS,
+           extra=(("long-axis", 64),), jobs=1, log=None) -> List[dict]:
+    """Rows of every (workload, D) of workloads x head_dims plus ``extra``, x dtypes x archs."""
+    pairs = [*itertools.product(workloads, head_dims), *extra]
+    work = [(wl, D, DTYPE_NAMES[dt], arch, tuple(kernels))
+            for (wl, D), dt, arch in itertools.product(pairs, dtypes, archs)]
+    rows = []
+    with ProcessPoolExecutor(jobs) if jobs > 1 else _Serial() as pool:
+        for batch in pool.map(_rows, work):
+            rows += batch
+            for row in batch if log else ():
+                log(row)
+    return rows
+
+
+class _Serial:
+    """The map of a process pool, in this process."""
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    map = staticmethod(map)
+
+
+def failures(rows) -> List[dict]:
+    """Rows that spill or exceed the family's shared memory per block."""
+    return [r for r in rows if r["spills"] or not r["smem_ok"]]
+
+
 def _fmt(row) -> str:
-    return (f"{row['workload']:<11} {row['kernel']:<10} {row['D']:>4} {row['dtype']:<5} {row['arch']:<6} "
-            f"{row['tiles']:<13} {row['num_warps']:>2}/{row['num_stages']:<2} {row['regs']:>5} {row['spills']:>6} "
-            f"{row['shared']:>7} {'yes' if row['wgmma'] else 'no':>5}")
+    return (f"{row['workload']:<11} {row['kernel']:<10} {row['D']:>4} {row['dtype']:<5} {row['arch']:<7} "
+            f"{row['tiles']:<13} {row['num_warps']:>2}/{row['num_stages']:<2} {row['regs']:>5} "
+            f"{row['spills']:>6} {row['shared']:>7}/{row['smem_limit']:<7} {row['mma']:>8}")
 
 
-HEADER = (f"{'workload':<11} {'kernel':<10} {'D':>4} {'dtype':<5} {'arch':<6} {'q/k tiles':<13} "
-          f"{'w/s':<5} {'regs':>5} {'spills':>6} {'smem':>7} {'wgmma':>5}")
+HEADER = (f"{'workload':<11} {'kernel':<10} {'D':>4} {'dtype':<5} {'arch':<7} {'q/k tiles':<13} "
+          f"{'w/s':<5} {'regs':>5} {'spills':>6} {'smem/limit':>15} {'mma':>8}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="gpu-large, head dims 64 and 128 only")
+    ap.add_argument("--quick", action="store_true", help="gpu-large at head dims 64 and 128, and long-axis")
     ap.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     a = ap.parse_args(argv)
     kw = dict(workloads=("gpu-large",), head_dims=(64, 128)) if a.quick else {}
     if a.json:
-        print(json.dumps(report(**kw)))
-        return
-    print(HEADER, flush=True)
-    report(log=lambda r: print(_fmt(r), flush=True), **kw)
+        rows = report(jobs=a.jobs, **kw)
+        print(json.dumps(rows))
+    else:
+        print(HEADER, flush=True)
+        rows = report(jobs=a.jobs, log=lambda r: print(_fmt(r), flush=True), **kw)
+        bad = failures(rows)
+        print(f"{len(rows)} configs, {len(bad)} with spills or over the shared memory limit", flush=True)
+    return 1 if failures(rows) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

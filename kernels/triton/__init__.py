@@ -9,7 +9,7 @@ grid, args, meta), ``forward()`` / ``backward()`` drivers) -> ``op`` (the
 imports lazily). Importing this package imports no Triton, so the library
 loads where Triton is absent.
 
-Semantics are those of SPEC.md section 1 / ``nuwa3dna.kernels.geometry``: the
+Semantics are those of docs/design.md section 1 / ``nuwa3dna.kernels.geometry``: the
 query (t, h, w) of grid (T, H, W) is centred at (t*T2//T, h*H2//H, w*W2//W)
 in the key grid (T2, H2, W2); a key is visible iff it lies within the
 (clipped) window of radius ``extent`` on every axis and, when causal, its

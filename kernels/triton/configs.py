@@ -16,7 +16,6 @@ from nuwa3dna.kernels.env import interpreter_enabled
 from nuwa3dna.kernels.triton.tables import LAUNCH_TABLES
 
 Tile = Tuple[int, int, int]
-KERNELS = ("fwd", "preprocess", "dkdv", "dq")
 
 
 @dataclass(frozen=True)
@@ -118,25 +117,46 @@ def _inverse_extent(q_grid, kv_grid, extent):
 # ----------------------------------------------------------------------------- architectures
 
 
+def arch_family(arch: int) -> int:
+    """Launch-table family (tables.py) of a compute capability written major*10 + minor.
+
+    sm_87 (Orin) has sm_80's 164 KiB of shared memory per block; sm_86 and sm_89
+    have 99 KiB; sm_100/103 are datacenter Blackwell (tcgen05); sm_120/121 consumer
+    Blackwell (99 KiB, mma.sync). The report checks sm_80, 86, 89, 90, 100 and 120;
+    other capabilities take their neighbours' table unchecked (below sm_80, which
+    has no bf16, the sm_80 one).
+    """
+    if arch >= 120:
+        return 120
+    if arch >= 100:
+        return 100
+    if arch >= 90:
+        return 90
+    return 86 if arch in (86, 89) else 80
+
+
 def device_arch(device) -> int:
-    """Launch-table family of a device: 90 for Hopper and newer, 80 below; 90 off-GPU
+    """Launch-table family of a device (``arch_family`` of its capability); 90 off-GPU
     (interpreter, report), where only the tile shapes matter."""
     if getattr(device, "type", None) == "cuda":
-        return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+        major, minor = torch.cuda.get_device_capability(device)
+        return arch_family(10 * major + minor)
     return 90
 
 
 def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype,
                  arch: int = 90) -> Dict[str, LaunchConfig]:
-    """Launch configs of the four kernels on ``arch``; the report compiles exactly these.
+    """Launch configs of the four kernels on ``arch`` (a capability such as 89, or a family);
+    the report compiles exactly these.
 
-    Rows per program, rows walked, warps and stages come from LAUNCH_TABLES by
-    dtype class and padded head dim (64 x 64 at D <= 64 in 16-bit); the (t, h, w)
-    shapes of those tiles from plan_tiles on the actual grids.
+    Rows per program, rows walked, warps and stages come from the family's
+    LAUNCH_TABLES entry by dtype class and padded head dim (e.g. 64 x 64 at D <= 64
+    in 16-bit on sm_90); the (t, h, w) shapes of those tiles from plan_tiles on the
+    actual grids.
     """
     q_grid, kv_grid, extent = tuple(q_grid), tuple(kv_grid), tuple(extent)
     block_d = block_d_for(D)
-    table = LAUNCH_TABLES[arch]["fp32" if dtype == torch.float32 else "16bit"]
+    table = LAUNCH_TABLES[arch_family(arch)]["fp32" if dtype == torch.float32 else "16bit"]
     out = {}
     for kind in ("fwd", "dq"):
         e = table[kind][block_d]

@@ -1,11 +1,16 @@
 """Per-architecture launch tables of the 3DNA kernels, as read-only data.
 
-``LAUNCH_TABLES[arch][dtype class][kernel][padded head dim]`` is an ``Entry``:
+``LAUNCH_TABLES[family][dtype class][kernel][padded head dim]`` is an ``Entry``:
 rows a program owns ("outer": queries; keys for dK/dV), rows of the tile it
 walks ("inner"), num_warps, num_stages and, for dK/dV, whether dK and dV are
 computed in two passes. ``configs.pick_configs`` turns an entry into tile
 shapes; ``python -m nuwa3dna.kernels.report`` compiles every entry and checks
-it for spills and shared memory.
+it for spills and against the family's shared memory per block (``SMEM_PER_BLOCK``).
+
+Families (``configs.arch_family`` maps a compute capability to one): 80
+(A100, and sm_87), 86 (sm_86, sm_89: 99 KiB of shared memory per block), 90
+(Hopper: wgmma), 100 (datacenter Blackwell, sm_100/103: tcgen05), 120
+(consumer Blackwell, sm_120/121: mma.sync, 99 KiB).
 """
 from __future__ import annotations
 
@@ -27,6 +32,16 @@ def _freeze(table: dict) -> Mapping:
                              for key, val in table.items()})
 
 
+def _but(table: dict, **changes: dict) -> dict:
+    """A copy of a {kernel: {head dim: entry}} table with some entries replaced."""
+    return {kernel: {**dims, **changes.get(kernel, {})} for kernel, dims in table.items()}
+
+
+# Largest dynamic shared memory one block may use, per family (bytes).
+SMEM_PER_BLOCK: Mapping[int, int] = MappingProxyType(
+    {80: 166912, 86: 101376, 90: 232448, 100: 232448, 120: 101376})
+
+
 # sm_90: the 16-bit entries keep 64 accumulator rows per warpgroup so the dots
 # become wgmma. 8 warps on a 64-row tile make Triton 3.9 pick different warp
 # layouts for chained dots on sm_90 and shuttle accumulators between them
@@ -42,8 +57,10 @@ _T16_SM90 = {
     "dkdv": {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (64, 16, 4, 2),
              256: (32, 16, 4, 2, True)},
 }
+# sm_80: the causal bf16 forward at head dim 64 sat at 255 registers with 64 x 64
+# tiles and spilled 16 B after an ordering change; 64 x 32 needs ~200.
 _T16_SM80 = {
-    "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 16, 4, 3),
+    "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 32, 4, 3), 128: (64, 16, 4, 3),
             256: (64, 32, 8, 1)},
     "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 3),
            256: (64, 32, 8, 2)},
@@ -68,8 +85,26 @@ _T32_SM80 = {
              256: (16, 16, 8, 1, True)},
 }
 
+# sm_86 / sm_89 (99 KiB): the sm_80 table but where it does not fit or spills.
+# Head dim 256 16-bit dQ at 64 x 32 needs 102,400 B over 2 stages: 1 stage. Triton
+# vectorises differently from sm_80 here (its SLP vectoriser is off only for
+# sm_80), so two float32 entries spilled: 8 warps for the forward at 128, 4 for
+# the dK/dV passes at 256.
+_T16_SM86 = _but(_T16_SM80, dq={256: (64, 32, 8, 1)})
+_T32_SM86 = _but(_T32_SM80, fwd={128: (32, 16, 8, 1)}, dkdv={256: (16, 16, 4, 1, True)})
+# sm_100 (tcgen05, 227 KiB): the sm_90 tiles compile without spills.
+_T16_SM100 = _but(_T16_SM90)
+_T32_SM100 = _but(_T32_SM90)
+# sm_120 (mma.sync, 99 KiB): the sm_86 table; its Blackwell pipeline spilled the
+# 16-bit dQ at head dim 64 with 64 x 64 tiles (148 B) and the float32 forward at
+# 64 with 4 warps (52 B).
+_T16_SM120 = _but(_T16_SM86, dq={64: (64, 32, 4, 3)})
+_T32_SM120 = _but(_T32_SM86, fwd={64: (64, 16, 8, 2)})
+
 LAUNCH_TABLES: Mapping[int, Mapping[str, Mapping[str, Mapping[int, Entry]]]] = _freeze({
-    90: {"16bit": _T16_SM90, "fp32": _T32_SM90},
     80: {"16bit": _T16_SM80, "fp32": _T32_SM80},
+    86: {"16bit": _T16_SM86, "fp32": _T32_SM86},
+    90: {"16bit": _T16_SM90, "fp32": _T32_SM90},
+    100: {"16bit": _T16_SM100, "fp32": _T32_SM100},
+    120: {"16bit": _T16_SM120, "fp32": _T32_SM120},
 })
-del _T16_SM90, _T16_SM80, _T32_SM90, _T32_SM80
