@@ -4,12 +4,18 @@ A query at (t, h, w) of a grid of shape (T, H, W) is centred in the key grid
 (T', H', W') at floor(t*T'/T) (and likewise per axis); key (a, b, c) is visible
 iff it lies within ``extent`` of that centre on every axis (clipped at the
 borders), and, when causal, its raster index is <= the query's.
+
+The v2 options (dilation, stride, per-axis causal, shifted borders; docs/design.md
+section 7) live per axis in ``nuwa3dna.kernels.windows``; ``visible`` and
+``count_visible`` take them as keywords and keep today's code for the defaults.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+
+from nuwa3dna.kernels.windows import Causal, count_general, is_plain, visible_general
 
 Extent = Union[int, None, Sequence[Optional[int]]]
 Grid = Tuple[int, int, int]
@@ -70,12 +76,19 @@ def grid_coords(grid: Grid, device=None) -> torch.Tensor:
 
 
 def visible(q_coords: torch.Tensor, k_coords: torch.Tensor, q_grid: Grid, kv_grid: Grid,
-            extent: Grid, causal: bool) -> torch.Tensor:
+            extent: Grid, causal: Causal, *, dilation=1, stride=1, border: str = "clip",
+            after=None) -> torch.Tensor:
     """Boolean mask (Nq, Nk) of visible pairs for the given coordinate lists.
 
-    ``extent`` must be resolved (three ints). Used by the dense reference on the
-    whole grid and by the tiled paths on one tile's coordinates.
+    ``extent`` (and ``after``, the radius after the leader where it differs) must
+    be resolved (three ints). Used by the dense reference on the whole grid and by
+    the tiled paths on one tile's coordinates. Options at their defaults: today's
+    formula, unchanged; otherwise ``windows.visible_general``.
     """
+    if not is_plain(causal, dilation, stride, border, after):
+        return visible_general(q_coords, k_coords, q_grid, kv_grid, extent, causal, dilation, stride,
+                               border, after)
+    causal = False if isinstance(causal, (tuple, list)) else bool(causal)   # (False,) * 3 is not raster
     ok = None
     for axis in range(3):
         c = centre(q_coords[:, axis], q_grid[axis], kv_grid[axis])
@@ -89,13 +102,18 @@ def visible(q_coords: torch.Tensor, k_coords: torch.Tensor, q_grid: Grid, kv_gri
     return ok
 
 
-def count_visible(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool) -> int:
+def count_visible(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: Causal, *, dilation=1, stride=1,
+                  border: str = "clip", after=None) -> int:
     """Number of visible (query, key) pairs, without materialising the mask.
 
     Non-causal: the per-axis window lengths multiply. Causal (same grid): the
     window pairs with key frame < query frame, plus same-frame pairs with key
-    row < query row, plus same-row pairs with key col <= query col.
+    row < query row, plus same-row pairs with key col <= query col. Any v2
+    option: ``windows.count_general`` (exact, from per-axis tables).
     """
+    if not is_plain(causal, dilation, stride, border, after):
+        return count_general(q_grid, kv_grid, extent, causal, dilation, stride, border, after)
+    causal = False if isinstance(causal, (tuple, list)) else bool(causal)   # (False,) * 3 is not raster
     def lengths(axis):
         n, m, e = q_grid[axis], kv_grid[axis], extent[axis]
         return [min(m - 1, centre_int(i, n, m) + e) - max(0, centre_int(i, n, m) - e) + 1

@@ -2,12 +2,14 @@
 
 ``WORKLOADS`` are the named workloads of docs/design.md section 6. ``TEST_PROBLEMS``
 are small, deliberately odd shapes (no size a multiple of any block) for
-correctness tests, including under the Triton interpreter.
+correctness tests, including under the Triton interpreter. ``WINDOW_PROBLEMS`` add
+the v2 window options (docs/design.md section 7: dilation, stride, per-axis causal,
+shifted borders) on the same kind of odd shapes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -21,9 +23,12 @@ class Problem:
     heads: int
     D: int
     extent: Tuple[Optional[int], Optional[int], Optional[int]]
-    causal: bool = False
+    causal: Union[bool, Tuple[bool, bool, bool]] = False    # True: raster order; a tuple: per axis
     kv_grid: Optional[Tuple[int, int, int]] = None   # None: self-attention
     name: Optional[str] = None
+    dilation: Tuple[int, int, int] = (1, 1, 1)
+    stride: Tuple[int, int, int] = (1, 1, 1)
+    border: str = "clip"
 
     @property
     def kv(self) -> Tuple[int, int, int]:
@@ -38,16 +43,28 @@ class Problem:
             parts.append("kv" + grid(self.kv_grid))
         parts += [f"h{self.heads}", f"d{self.D}",
                   "e" + "x".join("a" if e is None else str(e) for e in self.extent)]
-        if self.causal:
+        if self.causal is True:
             parts.append("causal")
+        elif self.causal:
+            parts.append("causal" + "".join("TF"[not c] for c in self.causal))
+        for tag, x in (("dil", self.dilation), ("str", self.stride)):
+            if x != (1, 1, 1):
+                parts.append(tag + "x".join(map(str, x)))
+        if self.border != "clip":
+            parts.append(self.border)
         return (self.name + ":" if self.name else "") + "-".join(parts)
 
     @property
     def resolved_extent(self):
         return resolve_extent(self.extent, self.kv)
 
+    @property
+    def options(self) -> dict:
+        """The v2 window options as ``nearby_attention`` keywords."""
+        return dict(dilation=self.dilation, stride=self.stride, border=self.border)
+
     def visible_pairs(self) -> int:
-        return count_visible(self.q_grid, self.kv, self.resolved_extent, self.causal)
+        return count_visible(self.q_grid, self.kv, self.resolved_extent, self.causal, **self.options)
 
     def flops(self, backward: bool = False) -> float:
         """Useful FLOPs (docs/design.md section 1): 4*D*heads*B*pairs; backward counts 2.5x."""
@@ -91,4 +108,19 @@ TEST_PROBLEMS = [
     Problem(1, (2, 6, 5), 2, 8, (0, None, 1), kv_grid=(3, 9, 11)),
     Problem(2, (1, 11, 13), 2, 40, (0, 3, 3), causal=True),
     Problem(1, (5, 3, 3), 2, 16, (2, 0, 0)),
+]
+
+WINDOW_PROBLEMS = [
+    Problem(2, (3, 5, 7), 2, 16, (1, 2, 2), dilation=(1, 2, 2)),
+    Problem(2, (3, 5, 7), 2, 16, (1, 1, 2), stride=(1, 2, 3)),
+    Problem(1, (4, 7, 9), 2, 8, (1, 1, 1), stride=(2, 3, 2), dilation=(1, 2, 3), border="shift"),
+    Problem(2, (5, 6, 7), 2, 16, (1, 1, 2), causal=(True, False, False), border="shift"),
+    Problem(1, (5, 6, 7), 3, 8, (2, 1, 1), causal=(True, True, False), stride=(3, 2, 1), dilation=(1, 1, 2),
+            border="shift"),
+    Problem(1, (4, 5, 7), 2, 8, (2, 1, 2), causal=(True, False, True), stride=(2, 2, 3), dilation=(1, 2, 1)),
+    Problem(2, (3, 5, 7), 2, 16, (1, 1, 1), causal=True, stride=(1, 3, 2), dilation=(1, 2, 1)),
+    Problem(1, (3, 6, 11), 2, 8, (0, 1, 2), causal=True, border="shift", dilation=(1, 1, 2)),
+    Problem(2, (3, 5, 7), 2, 16, (1, 1, 2), kv_grid=(2, 9, 11), dilation=(1, 2, 2), stride=(1, 3, 1)),
+    Problem(1, (2, 6, 5), 2, 8, (None, 1, 1), kv_grid=(3, 9, 7), border="shift", stride=(1, 2, 3),
+            dilation=(1, 3, 2)),
 ]

@@ -12,11 +12,13 @@ from numbers import Real
 import torch
 
 from nuwa3dna.kernels.env import interpreter_enabled
+from nuwa3dna.kernels.windows import BORDERS, is_plain, options_text
 
 BACKENDS = ("auto", "triton", "torch", "dense")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TRITON_HEAD_DIM = 256
+AXES = "thw"
 
 
 def _radius(e, what):
@@ -66,9 +68,11 @@ def check_backend(backend):
         raise ValueError(f"unknown backend: {backend=}; choose one of {BACKENDS}")
 
 
-def check_inputs(q, k, v, extent, causal, scale, backend):
-    """Validate the arguments of ``nearby_attention``; returns (extent, scale) normalised:
-    extent a 3-tuple of ints >= 0 or None, scale a float (D ** -0.5 by default)."""
+def check_inputs(q, k, v, extent, causal, scale, backend, *, dilation=1, stride=1, border="clip", after=None):
+    """Validate the arguments of ``nearby_attention``; returns (extent, scale, causal, dilation,
+    stride) normalised: extent a 3-tuple of ints >= 0 or None, scale a float (D ** -0.5 by
+    default), causal a bool or a 3-tuple of bools with at least one True, dilation and stride
+    3-tuples of ints >= 1. ``after`` is internal (``nuwa3dna.natten``'s even kernels)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -95,21 +99,105 @@ def check_inputs(q, k, v, extent, causal, scale, backend):
             raise ValueError(
                 f"q and k differ in {what}: q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
     extent = normalize_extent(extent)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal=}")
-    if causal and q.shape[1:4] != k.shape[1:4]:
-        raise ValueError(
-            "causal 3DNA needs the query and key grids to match, got "
-            f"q grid={tuple(q.shape[1:4])}, kv grid={tuple(k.shape[1:4])}")
+    causal, dilation, stride = check_windows(extent, causal, dilation, stride, border, after)
+    check_window_grids(tuple(q.shape[1:4]), tuple(k.shape[1:4]), extent, causal, dilation, border, after)
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, Real):
             raise TypeError(f"scale must be a positive number or None, got {scale=}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be positive and finite, got {scale=}")
     check_backend(backend)
+    if backend in ("torch", "triton") and not is_plain(causal, dilation, stride, border, after):
+        raise NotImplementedError(
+            f"{backend=} does not support {options_text(causal, dilation, stride, border, after)} yet; "
+            "use backend='dense' (or 'auto', which runs dense for these options)")
     if backend == "triton":
         check_triton(q)
-    return extent, q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return extent, scale, causal, dilation, stride
+
+
+def normalize_causal(causal):
+    """``causal``: a bool (raster order) or a 3-tuple/list of bools (per axis t, h, w).
+    Per-axis all False is returned as False (the same mask)."""
+    if isinstance(causal, bool):
+        return causal
+    if not isinstance(causal, (tuple, list)):
+        raise TypeError(f"causal must be a bool (raster order) or a 3-tuple of bools (per axis), got {causal=}")
+    if len(causal) != 3:
+        raise ValueError(f"per-axis causal must have 3 entries (t, h, w), got {causal=}")
+    if not all(isinstance(c, bool) for c in causal):
+        raise TypeError(f"per-axis causal must hold bools, got {causal=}")
+    return tuple(causal) if any(causal) else False
+
+
+def _count(x, what):
+    """One dilation or stride: an integer >= 1 (Python, numpy or a one-element integer tensor)."""
+    if isinstance(x, (bool, float)) or (
+            isinstance(x, torch.Tensor) and (x.numel() != 1 or x.is_floating_point() or x.is_complex())):
+        raise TypeError(f"{what} must be an int >= 1, got {x!r} of type {type(x).__name__}")
+    try:
+        n = operator.index(x.item() if isinstance(x, torch.Tensor) else x)
+    except TypeError:
+        raise TypeError(f"{what} must be an int >= 1, got {x!r} of type {type(x).__name__}") from None
+    if n < 1:
+        raise ValueError(f"{what} must be >= 1, got {n}")
+    return n
+
+
+def normalize_per_axis(x, name):
+    """``dilation`` or ``stride``: an int >= 1 (every axis) or a 3-tuple/list of them."""
+    if isinstance(x, (tuple, list)):
+        if len(x) != 3:
+            raise ValueError(f"{name} must be an int or have 3 entries (t, h, w), got {name}={x!r}")
+        return tuple(_count(e, f"{name}[{i}] of {name}={x!r}") for i, e in enumerate(x))
+    if isinstance(x, (set, dict, str)) or (isinstance(x, torch.Tensor) and x.dim() > 0):
+        raise TypeError(f"{name} must be an int >= 1 or a 3-tuple of those, got {name}={x!r}")
+    return (_count(x, name),) * 3
+
+
+def check_windows(extent, causal, dilation=1, stride=1, border="clip", after=None):
+    """The grid-free checks of the v2 window options (docs/design.md section 7); ``extent``
+    normalised. Returns (causal, dilation, stride) normalised."""
+    causal = normalize_causal(causal)
+    dilation, stride = normalize_per_axis(dilation, "dilation"), normalize_per_axis(stride, "stride")
+    if not isinstance(border, str) or border not in BORDERS:
+        raise ValueError(f"unknown {border=}; choose one of {BORDERS}")
+    per_axis_causal = causal if isinstance(causal, tuple) else (False,) * 3
+    for a, (e, d, s) in enumerate(zip(extent, dilation, stride)):
+        where = f"(axis {AXES[a]!r})"
+        if e is None:
+            if d > 1 or s > 1:
+                raise ValueError(f"dilation and stride > 1 need an int extent on their axis (None is the "
+                                 f"whole axis), got {extent=}, {dilation=}, {stride=} {where}")
+            continue
+        K = e + (e if after is None else after[a]) + 1
+        if s > K:
+            raise ValueError(f"stride must be <= the window length 2*extent + 1 on every axis (a stride "
+                             f"group of queries shares one window), got {stride=}, {extent=} {where}: {s} > {K}")
+        if per_axis_causal[a] and border == "clip" and s > e + 1:
+            raise ValueError(
+                f"a causal axis with border='clip' keeps the extent + 1 keys up to the stride leader, so "
+                f"stride must be <= extent + 1 there (or early queries of a group see no key), got "
+                f"{stride=}, {extent=}, {causal=} {where}; border='shift' keeps 2*extent + 1")
+    return causal, dilation, stride
+
+
+def check_window_grids(q_grid, kv_grid, extent, causal, dilation=(1, 1, 1), border="clip", after=None):
+    """The checks that need the grids: causality (raster or per axis) needs q's grid = kv's;
+    shifted windows must fit in their key axis."""
+    if causal is not False and q_grid != kv_grid:
+        raise ValueError(
+            f"causal 3DNA ({causal=}) needs the query and key grids to match, got "
+            f"q grid={q_grid}, kv grid={kv_grid}")
+    if border != "shift":
+        return
+    for a, (e, d, m) in enumerate(zip(extent, dilation, kv_grid)):
+        K = None if e is None else e + (e if after is None else after[a]) + 1
+        if K is not None and K * d > m:
+            raise ValueError(
+                f"border='shift' needs (2*extent + 1) * dilation <= the key axis length, got {extent=}, "
+                f"{dilation=}, kv grid={kv_grid} (axis {AXES[a]!r}: {K} * {d} > {m})")
 
 
 def check_triton(q):

@@ -14,6 +14,10 @@ visible the fused kernel wins 4.8x. The fused strategy equals
 ``backend="dense"`` (the same kernel) but runs on the backend's worker threads,
 so it keeps the thread and fork rules of docs/design.md section 4, which a
 plain SDPA call in the caller's thread would not.
+
+Windows v2 (dilation, stride, per-axis causal, border="shift"; docs/design.md
+section 7): neither the torch backend nor the Triton kernels take them yet, so
+auto runs "dense" for them, on every device (in the caller's thread).
 """
 from __future__ import annotations
 
@@ -25,12 +29,17 @@ import torch
 from nuwa3dna.checks import TRITON_DTYPES
 from nuwa3dna.kernels.cpu import planner
 from nuwa3dna.kernels.cpu.sdpa import use_sdpa
+from nuwa3dna.kernels.windows import is_plain, options_text
 
 log = logging.getLogger("nuwa3dna")
 
 
-def choose_backend(q: torch.Tensor, k: torch.Tensor, extent, causal: bool) -> Tuple[str, str]:
+def choose_backend(q: torch.Tensor, k: torch.Tensor, extent, causal, *, dilation=1, stride=1,
+                   border: str = "clip", after=None) -> Tuple[str, str]:
     """(backend, reason) for ``backend="auto"``; inputs validated, ``extent`` resolved (three ints)."""
+    if not is_plain(causal, dilation, stride, border, after):
+        return "dense", (f"{options_text(causal, dilation, stride, border, after)}: only dense SDPA "
+                         "supports these window options so far")
     if q.device.type == "cuda":
         if q.dtype in TRITON_DTYPES:
             return "triton", "CUDA tensor in a Triton dtype"
@@ -41,8 +50,8 @@ def choose_backend(q: torch.Tensor, k: torch.Tensor, extent, causal: bool) -> Tu
     return "torch", "CPU backend, tile strategy (large score matrix, a small share visible)"
 
 
-def resolve_auto(q, k, extent, causal) -> str:
-    backend, why = choose_backend(q, k, extent, causal)
+def resolve_auto(q, k, extent, causal, **options) -> str:
+    backend, why = choose_backend(q, k, extent, causal, **options)
     if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
         log.debug("nearby_attention: backend=%r: %s", backend, why)
     return backend
