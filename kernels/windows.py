@@ -178,3 +178,62 @@ def count_general(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: Causal = Fa
     return (before(At) * rows(Ah) * rows(Aw) + diag(At) * before(Ah) * rows(Aw)
             + diag(At) * diag(Ah) * upto)
 
+
+
+class Options(tuple):
+    """The v2 options as the backends carry them: (dilation, stride, axis_causal, shift, after),
+    each per axis a 3-tuple (``after`` None or resolved ints), hashable (cache keys).
+
+    ``Options()`` is plain (every option at its default). ``encode``/``decode`` turn it into
+    the flat int list a ``torch.library`` custom op takes (empty for plain)."""
+
+    def __new__(cls, dilation=(1, 1, 1), stride=(1, 1, 1), axis_causal=(False, False, False),
+                shift: bool = False, after=None):
+        return super().__new__(cls, (tuple(int(x) for x in per_axis(dilation)),
+                                     tuple(int(x) for x in per_axis(stride)),
+                                     tuple(bool(x) for x in axis_causal), bool(shift),
+                                     None if after is None else tuple(int(x) for x in after)))
+
+    dilation = property(lambda self: self[0])
+    stride = property(lambda self: self[1])
+    axis_causal = property(lambda self: self[2])
+    shift = property(lambda self: self[3])
+    after = property(lambda self: self[4])
+
+    @classmethod
+    def of(cls, causal: Causal = False, dilation=1, stride=1, border: str = "clip", after=None) -> "Options":
+        """From the public arguments (``after`` resolved); ``causal=True`` (raster) is not an option here."""
+        return cls(dilation, stride, axis_causal(causal), border == "shift", after)
+
+    @property
+    def plain(self) -> bool:
+        return self == Options()
+
+    def causal(self, raster: bool) -> Causal:
+        """The ``causal`` argument of ``geometry.visible``: the per-axis tuple, or raster order."""
+        return self.axis_causal if any(self.axis_causal) else bool(raster)
+
+    def kwargs(self) -> dict:
+        """``dilation``, ``stride``, ``border``, ``after`` keywords of ``geometry.visible``."""
+        return dict(dilation=self.dilation, stride=self.stride, border="shift" if self.shift else "clip",
+                    after=self.after)
+
+    def axis(self, a: int, extent) -> dict:
+        """Keywords of ``axis_windows``/``axis_mask`` for axis ``a`` (``extent`` resolved)."""
+        return dict(before=extent[a], after=extent[a] if self.after is None else self.after[a],
+                    dilation=self.dilation[a], stride=self.stride[a], causal=self.axis_causal[a],
+                    shift=self.shift)
+
+    def encode(self) -> list:
+        if self.plain:
+            return []
+        after = self.after if self.after is not None else (-1, -1, -1)
+        return [*self.dilation, *self.stride, *(int(c) for c in self.axis_causal), int(self.shift), *after]
+
+    @classmethod
+    def decode(cls, xs) -> "Options":
+        if not xs:
+            return cls()
+        xs = [int(x) for x in xs]
+        after = None if xs[10] < 0 else tuple(xs[10:13])
+        return cls(tuple(xs[0:3]), tuple(xs[3:6]), tuple(bool(x) for x in xs[6:9]), bool(xs[9]), after)

@@ -107,10 +107,10 @@ def check_inputs(q, k, v, extent, causal, scale, backend, *, dilation=1, stride=
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be positive and finite, got {scale=}")
     check_backend(backend)
-    if backend in ("torch", "triton") and not is_plain(causal, dilation, stride, border, after):
+    if backend == "triton" and not is_plain(causal, dilation, stride, border, after):
         raise NotImplementedError(
             f"{backend=} does not support {options_text(causal, dilation, stride, border, after)} yet; "
-            "use backend='dense' (or 'auto', which runs dense for these options)")
+            "use backend='torch' or 'dense' (or 'auto', which runs 'torch' for these options)")
     if backend == "triton":
         check_triton(q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -16,8 +16,9 @@ so it keeps the thread and fork rules of docs/design.md section 4, which a
 plain SDPA call in the caller's thread would not.
 
 Windows v2 (dilation, stride, per-axis causal, border="shift"; docs/design.md
-section 7): neither the torch backend nor the Triton kernels take them yet, so
-auto runs "dense" for them, on every device (in the caller's thread).
+section 7): the Triton kernels do not take them yet, so auto runs the torch
+backend for them on every device (CUDA included), which picks its strategy with
+the exact visible-pair count of those windows.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ import torch
 from nuwa3dna.checks import TRITON_DTYPES
 from nuwa3dna.kernels.cpu import planner
 from nuwa3dna.kernels.cpu.sdpa import use_sdpa
-from nuwa3dna.kernels.windows import is_plain, options_text
+from nuwa3dna.kernels.geometry import resolve_extent
+from nuwa3dna.kernels.windows import Options, is_plain, options_text
 
 log = logging.getLogger("nuwa3dna")
 
@@ -37,14 +39,19 @@ log = logging.getLogger("nuwa3dna")
 def choose_backend(q: torch.Tensor, k: torch.Tensor, extent, causal, *, dilation=1, stride=1,
                    border: str = "clip", after=None) -> Tuple[str, str]:
     """(backend, reason) for ``backend="auto"``; inputs validated, ``extent`` resolved (three ints)."""
+    q_grid, kv_grid = tuple(q.shape[1:4]), tuple(k.shape[1:4])
     if not is_plain(causal, dilation, stride, border, after):
-        return "dense", (f"{options_text(causal, dilation, stride, border, after)}: only dense SDPA "
-                         "supports these window options so far")
+        text = options_text(causal, dilation, stride, border, after)
+        if q.device.type == "cuda":
+            return "torch", f"{text}: the Triton kernels do not take these window options yet; the torch backend"
+        opts = Options.of(causal, dilation, stride, border,
+                          None if after is None else resolve_extent(after, kv_grid))
+        fused = use_sdpa(q_grid, kv_grid, extent, causal is True, planner.DEFAULT, opts)
+        return "torch", f"{text}: CPU backend, {'fused-kernel' if fused else 'tile'} strategy"
     if q.device.type == "cuda":
         if q.dtype in TRITON_DTYPES:
             return "triton", "CUDA tensor in a Triton dtype"
         return "torch", f"{q.dtype} on CUDA: the tile backend (the Triton kernels take fp32/fp16/bf16)"
-    q_grid, kv_grid = tuple(q.shape[1:4]), tuple(k.shape[1:4])
     if use_sdpa(q_grid, kv_grid, extent, causal, planner.DEFAULT):
         return "torch", "CPU backend, fused-kernel strategy (small or widely visible score matrix)"
     return "torch", "CPU backend, tile strategy (large score matrix, a small share visible)"

@@ -5,6 +5,7 @@ from nuwa3dna.checks import check_inputs, uses_forward_ad
 from nuwa3dna.dispatch import resolve_auto
 from nuwa3dna.kernels.cpu.op import torch_attention
 from nuwa3dna.kernels.geometry import resolve_extent
+from nuwa3dna.kernels.windows import Options
 from nuwa3dna.reference import dense_nearby_attention
 
 
@@ -31,8 +32,8 @@ def nearby_attention(q, k, v, extent, causal=False, scale=None, backend="auto", 
     Returns:
         (B, T, H, W, heads, D) in q's dtype and on q's device.
 
-    Dilation, stride, per-axis causal and border="shift" run on backend "dense"
-    (chosen by "auto"); "torch" and "triton" raise NotImplementedError for them.
+    Dilation, stride, per-axis causal and border="shift" run on backends "torch"
+    (chosen by "auto") and "dense"; "triton" raises NotImplementedError for them.
     """
     return windowed_attention(q, k, v, extent, causal, scale, backend, dilation=dilation, stride=stride,
                               border=border)
@@ -57,8 +58,11 @@ def windowed_attention(q, k, v, extent, causal=False, scale=None, backend="auto"
             f"for {backend=}; use backend='dense' for it")
     # Both fast backends are torch.library custom ops: torch.compile(fullgraph=True)
     # sees one opaque op with a fake implementation and a backward. Only plain
-    # windows reach them (check_inputs refuses the v2 options on these backends).
+    # windows reach Triton (check_inputs refuses the v2 options there); the torch
+    # backend takes them as ``Options`` (raster causality stays the bool ``causal``).
     if backend == "triton":
         from nuwa3dna.kernels.triton.op import triton_attention
         return triton_attention(q, k, v, resolved, causal, scale)
-    return torch_attention(q, k, v, resolved, causal, scale)
+    opts = Options.of(causal, dilation, stride, border,
+                      None if after is None else resolve_extent(after, tuple(k.shape[1:4])))
+    return torch_attention(q, k, v, resolved, causal is True, scale, opts)

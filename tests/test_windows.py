@@ -169,26 +169,33 @@ def test_defaults_same_path(backend, gen):
 
 
 # ----------------------------------------------------------------------------- backends and API
-def test_auto_runs_dense_for_v2_options(gen, caplog):
+def test_auto_runs_torch_for_v2_options(gen, caplog):
     p = WINDOW_PROBLEMS[4]
     q, k, v = p.make(generator=gen)
     backend, why = choose_backend(q, k, p.resolved_extent, p.causal, **p.options)
-    assert backend == "dense" and "stride=(3, 2, 1)" in why and "border='shift'" in why
+    assert backend == "torch" and "stride=(3, 2, 1)" in why and "border='shift'" in why
     with caplog.at_level(logging.DEBUG, logger="nuwa3dna"):
         auto = nearby_attention(q, k, v, p.extent, p.causal, **p.options)
-    assert any("backend='dense'" in r.getMessage() for r in caplog.records)
-    assert torch.equal(auto, nearby_attention(q, k, v, p.extent, p.causal, backend="dense", **p.options))
+    assert any("backend='torch'" in r.getMessage() for r in caplog.records)
+    assert torch.equal(auto, nearby_attention(q, k, v, p.extent, p.causal, backend="torch", **p.options))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_auto_on_cuda_runs_torch_for_v2_options():
+    """Triton does not take the options yet: auto sends CUDA tensors with them to the torch backend."""
+    fake = type("Fake", (), {"device": torch.device("cuda"), "dtype": torch.float16,
+                             "shape": torch.Size((1, 3, 5, 7, 1, 8))})()
+    backend, why = choose_backend(fake, fake, (1, 1, 1), False, dilation=(1, 2, 2))
+    assert backend == "torch" and "Triton" in why and "dilation=(1, 2, 2)" in why
+
+
 @pytest.mark.parametrize("option,text", [({"dilation": (1, 2, 2)}, "dilation=(1, 2, 2)"),
                                          ({"stride": 2}, "stride=(2, 2, 2)"), ({"border": "shift"}, "border='shift'"),
                                          ({"causal": (True, False, False)}, "per axis")])
-def test_fast_backends_refuse_v2_options(backend, option, text):
+def test_triton_refuses_v2_options(option, text):
     q = torch.randn(1, 3, 5, 7, 1, 8)
     with pytest.raises(NotImplementedError) as info:
-        nearby_attention(q, q, q, 1, backend=backend, **option)
-    assert text in str(info.value) and "backend='dense'" in str(info.value)
+        nearby_attention(q, q, q, 1, backend="triton", **option)
+    assert text in str(info.value) and "backend='torch'" in str(info.value)
 
 
 def qkv(q_grid=(3, 5, 7), kv_grid=None):

@@ -17,7 +17,7 @@ from nuwa3dna.kernels.cpu.planner import CpuConfig
 from nuwa3dna.kernels.cpu.workers import run, split
 
 
-def backward(dout, q, k, v, out, lse, extent, causal: bool, scale: float, config: CpuConfig):
+def backward(dout, q, k, v, out, lse, extent, causal: bool, scale: float, config: CpuConfig, opts=None):
     """Returns (dq, dk, dv) in the inputs' dtypes. Unchecked."""
     return guarded(lambda c: _backward(dout, q, k, v, out, lse, causal, scale, c, config),
                    q, k, extent, causal, config)

@@ -114,7 +114,7 @@ def guarded(body, q, k, extent, causal: bool, config: CpuConfig):
     return in_worker(lead, workers)
 
 
-def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig):
+def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig, opts=None):
     """Returns (out in q's dtype, lse (B, T, H, W, heads) in the accumulation dtype). Unchecked."""
     return guarded(lambda c: _forward(q, k, v, causal, scale, c, config), q, k, extent, causal, config)
 

@@ -1,7 +1,11 @@
 """The CPU tile path as ``torch.library`` custom ops: the one op and autograd path of this backend.
 
-* ``nuwa3dna::torch_fwd(q, k, v, extent, causal, scale) -> (out, lse)``
-* ``nuwa3dna::torch_bwd(dout, q, k, v, out, lse, extent, causal, scale) -> (dq, dk, dv)``
+* ``nuwa3dna::torch_fwd(q, k, v, extent, causal, scale, window=None) -> (out, lse)``
+* ``nuwa3dna::torch_bwd(dout, q, k, v, out, lse, extent, causal, scale, window=None) -> (dq, dk, dv)``
+
+``causal`` is raster order; ``window`` the v2 window options (dilation, stride,
+per-axis causal, shifted borders, asymmetric radii) as ``windows.Options.encode``
+writes them, None or empty for plain windows.
 
 Each is opaque to ``torch.compile`` (fullgraph) with a fake implementation for
 shape propagation; the backward is registered with ``register_autograd``.
@@ -14,15 +18,16 @@ any device (pure torch); worker threads are used on CPU only. Differentiating th
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from nuwa3dna.kernels.autograd import contiguous_like, wire
+from nuwa3dna.kernels.autograd import _no_double_backward, contiguous_like
 from nuwa3dna.kernels.cpu import planner, sdpa
 from nuwa3dna.kernels.cpu.backward import backward
 from nuwa3dna.kernels.cpu.forward import forward
+from nuwa3dna.kernels.windows import Options
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -31,28 +36,62 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("nuwa3dna::torch_fwd", mutates_args=())
 def torch_fwd(q: Tensor, k: Tensor, v: Tensor, extent: List[int], causal: bool,
-              scale: float) -> Tuple[Tensor, Tensor]:
-    config = planner.DEFAULT
-    impl = sdpa.forward if sdpa.use_sdpa(q.shape[1:4], k.shape[1:4], extent, causal, config) else forward
-    return impl(q, k, v, tuple(extent), causal, scale, config)
+              scale: float, window: Optional[List[int]] = None) -> Tuple[Tensor, Tensor]:
+    config, opts = planner.DEFAULT, Options.decode(window)
+    impl = sdpa.forward if _fused(q, k, extent, causal, config, opts) else forward
+    return impl(q, k, v, tuple(extent), causal, scale, config, opts)
+
+
+def _fused(q, k, extent, causal, config, opts) -> bool:
+    if not opts.plain:      # the tile loops take plain windows only (so far)
+        return True
+    return sdpa.use_sdpa(q.shape[1:4], k.shape[1:4], extent, causal, config, opts)
 
 
 @torch_fwd.register_fake
-def _(q, k, v, extent, causal, scale):
+def _(q, k, v, extent, causal, scale, window=None):
     return contiguous_like(q), q.new_empty(q.shape[:5], dtype=_acc(q.dtype))
 
 
 @torch.library.custom_op("nuwa3dna::torch_bwd", mutates_args=())
 def torch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              extent: List[int], causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    config = planner.DEFAULT
-    impl = sdpa.backward if sdpa.use_sdpa(q.shape[1:4], k.shape[1:4], extent, causal, config) else backward
-    return impl(dout, q, k, v, out, lse, tuple(extent), causal, scale, config)
+              extent: List[int], causal: bool, scale: float,
+              window: Optional[List[int]] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    config, opts = planner.DEFAULT, Options.decode(window)
+    impl = sdpa.backward if _fused(q, k, extent, causal, config, opts) else backward
+    return impl(dout, q, k, v, out, lse, tuple(extent), causal, scale, config, opts)
 
 
-wire(torch_fwd, torch_bwd)
+@torch_bwd.register_fake
+def _(dout, q, k, v, out, lse, extent, causal, scale, window=None):
+    return contiguous_like(q), contiguous_like(k), contiguous_like(v)
 
 
-def torch_attention(q: Tensor, k: Tensor, v: Tensor, extent, causal: bool, scale: float) -> Tensor:
-    """3DNA on the tile path (differentiable, compilable); ``extent`` resolved, inputs checked."""
-    return torch_fwd(q, k, v, [int(e) for e in extent], bool(causal), float(scale))[0]
+def _setup_context(ctx, inputs, output):
+    q, k, v, extent, causal, scale = inputs[:6]
+    window = inputs[6] if len(inputs) > 6 else None
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = (list(extent), bool(causal), float(scale), None if window is None else list(window))
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch_bwd(dout, q, k, v, out, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+# ``kernels.autograd.wire``'s wiring, with the ``window`` argument carried to the backward.
+torch_fwd.register_autograd(_backward, setup_context=_setup_context)
+torch_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def torch_attention(q: Tensor, k: Tensor, v: Tensor, extent, causal: bool, scale: float,
+                    opts: Options = Options()) -> Tensor:
+    """3DNA on the CPU backend (differentiable, compilable); ``extent`` resolved, inputs checked.
+    ``causal``: raster order (a bool); the v2 window options (per-axis causal included) in ``opts``."""
+    extent = [int(e) for e in extent]
+    if opts.plain:       # today's call, unchanged
+        return torch_fwd(q, k, v, extent, bool(causal), float(scale))[0]
+    return torch_fwd(q, k, v, extent, bool(causal), float(scale), opts.encode())[0]

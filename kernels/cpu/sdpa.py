@@ -10,7 +10,8 @@ reaches through SDPA, so results equal ``backend="dense"`` bit for bit. Work is
 split over (batch, head), on the
 backend's worker threads (single-threaded inside torch), so it shares the tile
 path's thread, fork and inference-mode rules. Memory: one (Nq, Nk) mask in the
-input dtype (cached), no (B x heads x Nq x Nk) tensor.
+input dtype (cached), no (B x heads x Nq x Nk) tensor. Any v2 window option
+(``opts``, docs/design.md section 7) is just another mask.
 """
 from __future__ import annotations
 
@@ -21,26 +22,34 @@ import torch
 from nuwa3dna.kernels.cpu.planner import MASKS, CpuConfig
 from nuwa3dna.kernels.cpu.workers import in_worker, run, split, worker_count
 from nuwa3dna.kernels.geometry import count_visible, grid_coords, visible
+from nuwa3dna.kernels.windows import Options
+
+PLAIN = Options()
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def use_sdpa(q_grid, kv_grid, extent, causal: bool, config: CpuConfig) -> bool:
-    """True where the fused kernel is the faster strategy (measured crossover, see module doc)."""
+def use_sdpa(q_grid, kv_grid, extent, causal: bool, config: CpuConfig, opts: Options = PLAIN) -> bool:
+    """True where the fused kernel is the faster strategy (measured crossover, see module doc).
+    ``opts``: the v2 window options (docs/design.md section 7), counted exactly."""
     scores = math.prod(q_grid) * math.prod(kv_grid)
     if scores <= config.fused_max_scores:
         return True
     return scores <= config.fused_max_scores_wide and count_visible(
-        tuple(q_grid), tuple(kv_grid), tuple(extent), bool(causal)) >= config.fused_wide_fraction * scores
+        tuple(q_grid), tuple(kv_grid), tuple(extent), opts.causal(causal),
+        **opts.kwargs()) >= config.fused_wide_fraction * scores
 
 
-def _mask(q_grid, kv_grid, extent, causal, dtype, limit: int) -> torch.Tensor:
-    """(Nq, Nk) additive mask in ``dtype``: 0 visible, -inf hidden (the fused kernel wants q's dtype)."""
+def _mask(q_grid, kv_grid, extent, causal, dtype, limit: int, opts: Options = PLAIN) -> torch.Tensor:
+    """(Nq, Nk) additive mask in ``dtype``: 0 visible, -inf hidden (the fused kernel wants q's dtype).
+    Any window options (``geometry.visible`` takes them)."""
     def make():
-        ok = visible(grid_coords(q_grid), grid_coords(kv_grid), q_grid, kv_grid, extent, causal)
+        ok = visible(grid_coords(q_grid), grid_coords(kv_grid), q_grid, kv_grid, extent, opts.causal(causal),
+                     **opts.kwargs())
         return torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, float("-inf"))
-    return MASKS.get(("sdpa", q_grid, kv_grid, extent, causal, dtype), make, limit)
+    key = ("sdpa", q_grid, kv_grid, extent, causal, dtype) + (() if opts.plain else (opts,))
+    return MASKS.get(key, make, limit)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -57,12 +66,12 @@ def _run_on_workers(body, q, config: CpuConfig):
     return in_worker(lead, workers)
 
 
-def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig):
+def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig, opts: Options = PLAIN):
     """(out like q, lse (B, T, H, W, heads) float32/64): the fused kernel, split over workers."""
     def body(workers):
         B, T, H, W, heads, D = q.shape
         q_grid, kv_grid = (T, H, W), tuple(k.shape[1:4])
-        mask = _mask(q_grid, kv_grid, tuple(extent), causal, q.dtype, config.mask_cache_limit)
+        mask = _mask(q_grid, kv_grid, tuple(extent), causal, q.dtype, config.mask_cache_limit, opts)
         qh, kh, vh = _heads_first(q), _heads_first(k), _heads_first(v)     # [B, heads, N, D]
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:5], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
@@ -83,11 +92,12 @@ def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig):
     return _run_on_workers(body, q, config)
 
 
-def backward(dout, q, k, v, out, lse, extent, causal: bool, scale: float, config: CpuConfig):
+def backward(dout, q, k, v, out, lse, extent, causal: bool, scale: float, config: CpuConfig,
+             opts: Options = PLAIN):
     """(dq, dk, dv) like q, k, v: the fused kernel's backward per (batch, head), split over workers."""
     def body(workers):
         q_grid, kv_grid = tuple(q.shape[1:4]), tuple(k.shape[1:4])
-        mask = _mask(q_grid, kv_grid, tuple(extent), causal, q.dtype, config.mask_cache_limit)
+        mask = _mask(q_grid, kv_grid, tuple(extent), causal, q.dtype, config.mask_cache_limit, opts)
         grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
         ins = [_heads_first(x) for x in (dout, q, k, v, out)]
         lseh = _heads_first(lse).to(torch.float32 if q.dtype != torch.float64 else torch.float64)
