@@ -1,0 +1,149 @@
+"""Memory safety of the Triton kernels without a GPU: every masked-in address of
+every ``tl.load`` / ``tl.store`` of the forward, preprocess, dK/dV and dQ
+kernels addresses an element of a tensor passed to that launch
+(``kernels/triton/bounds.BoundsChecker``, under the Triton interpreter), over
+test problems that reach every edge: self, cross (rescaled centres), causal,
+whole-axis (None) extents, odd grid sizes, a head dim that is not a power of
+two (200, padded to 256), non-contiguous inputs, and 16-row tiles forced so
+every axis has several tiles (as test_triton.py's small-tiles test). Negative
+tests show the checker catches a real out-of-bounds store and load (output and
+output-gradient views one frame too short, carved from a larger buffer so the
+stray accesses land in memory the process owns).
+
+Batch and heads are cut to 2 x 1 (the per-(batch, head) base offsets are
+still exercised by the second batch) to keep the interpreter's time small.
+Untested here: the compiled GPU kernels (the acceptance script, gpu/acceptance.py,
+runs compute-sanitizer on them where a GPU is lent).
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from nuwa3dna.kernels.env import interpreter_enabled
+from nuwa3dna.problems import TEST_PROBLEMS, Problem
+
+pytestmark = pytest.mark.skipif(not interpreter_enabled(), reason="the checker runs under the Triton interpreter")
+
+from nuwa3dna.kernels.triton import configs  # noqa: E402  (after the interpreter is on)
+from nuwa3dna.kernels.triton.bounds import BoundsChecker, element_addresses  # noqa: E402
+from nuwa3dna.kernels.triton.launch import backward, forward  # noqa: E402
+
+KERNELS = {"fwd_kernel", "bwd_preprocess_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel"}
+BY_ID = {p.id: p for p in TEST_PROBLEMS}
+SMALL_TILES = {
+    "fwd": ((2, 2, 4), (1, 2, 8)), "dq": ((1, 4, 4), (1, 4, 4)), "dkdv": ((1, 2, 8), (2, 2, 4)),
+}
+CASES = [  # (problem, dtype, small tiles)
+    (BY_ID["B2-T3H5W7-h2-d24-e1x2x2"], torch.float32, False),
+    (BY_ID["B2-T3H5W7-h2-d24-e1x2x2-causal"], torch.float32, True),
+    (BY_ID["B1-T1H1W9-h2-d8-e0x0xa-causal"], torch.float32, False),
+    (BY_ID["B2-T2H6W5-h2-d64-eax1x3"], torch.bfloat16, False),
+    (BY_ID["B2-T3H5W7-kvT2H3W4-h3-d24-e1x1x2"], torch.float16, True),
+    (BY_ID["B1-T2H6W5-kvT3H9W11-h2-d8-e0xax1"], torch.float32, False),
+    (BY_ID["B2-T1H11W13-h2-d40-e0x3x3-causal"], torch.float32, True),
+    (Problem(1, (2, 3, 4), 1, 200, (1, 1, 2), causal=True), torch.float32, False),
+]
+
+
+@pytest.fixture
+def bounds():
+    """Every load and store inside the test is checked; the test fails on any violation."""
+    with BoundsChecker() as chk:
+        yield chk
+    chk.assert_clean()
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Call with True to force 16-row tiles (several tiles on every axis)."""
+    def force(on: bool):
+        if not on:
+            return
+        real = configs.pick_configs
+
+        def small(*args, **kwargs):
+            cfgs = dict(real(*args, **kwargs))
+            for kind, (qt, kt) in SMALL_TILES.items():
+                cfgs[kind] = dataclasses.replace(cfgs[kind], q_tile=qt, k_tile=kt)
+            return cfgs
+        monkeypatch.setattr(configs, "pick_configs", small)
+    return force
+
+
+def _shrink(p: Problem) -> Problem:
+    return dataclasses.replace(p, B=min(p.B, 2), heads=1)
+
+
+def _strided(shape, dtype, gen):
+    """A (B, T, H, W, heads, D) view with padding between rows and a non-unit head-dim stride."""
+    B, T, H, W, n, D = shape
+    base = torch.randn(B, D + 2, n, T, W + 1, H, generator=gen).to(dtype)
+    return base[:, 1:D + 1, :, :, :W, :].permute(0, 3, 5, 4, 2, 1)
+
+
+def _forward_backward(p: Problem, dtype, gen, strided=False):
+    q, k, v = p.make(dtype, generator=gen)
+    dout = torch.randn(q.shape, generator=gen).to(dtype)
+    if strided:
+        q, k, v, dout = (_strided(x.shape, dtype, gen) for x in (q, k, v, dout))
+    extent, scale = p.resolved_extent, p.D ** -0.5
+    out, lse = forward(q, k, v, extent, p.causal, scale)
+    backward(q, k, v, out, lse, dout, extent, p.causal, scale)
+
+
+@pytest.mark.parametrize("p,dtype,small", CASES, ids=[f"{p.id}-{str(d)[6:]}{'-small' if s else ''}"
+                                                      for p, d, s in CASES])
+def test_kernels_stay_in_bounds(p, dtype, small, gen, bounds, small_tiles):
+    small_tiles(small)
+    _forward_backward(_shrink(p), dtype, gen)
+    assert bounds.launches >= 4 and bounds.checked > 0
+
+
+def test_non_contiguous_in_bounds(gen, bounds):
+    """Padded, permuted views: an access in a gap between rows would be caught."""
+    _forward_backward(Problem(2, (2, 3, 5), 1, 24, (1, 1, 2), causal=True), torch.float32, gen, strided=True)
+
+
+def test_element_addresses_are_exact():
+    base = torch.zeros(4, 6)
+    view = base[1:3, ::2]                        # rows 1-2, even columns
+    got = (element_addresses(view) - base.data_ptr()) // 4
+    assert got.tolist() == [6, 8, 10, 12, 14, 16]
+    bc = torch.zeros(3).expand(2, 3)             # stride 0
+    assert ((element_addresses(bc) - bc.data_ptr()) // 4).tolist() == [0, 1, 2]
+
+
+def _short_view(shape, dtype):
+    """A view one frame too short, carved from a buffer of the full shape: the kernels,
+    which take the grid from q, address the missing frame through its strides."""
+    buf = torch.zeros(shape, dtype=dtype)
+    return buf[:, :shape[1] - 1]
+
+
+def _violations(chk, kernel, op):
+    return [x for x in chk.violations if x["kernel"] == kernel and x["op"] == op]
+
+
+def test_checker_catches_out_of_bounds_store(gen):
+    """The forward given an output one frame short: the last frame's tiles store past it."""
+    p = _shrink(BY_ID["B2-T3H5W7-h2-d24-e1x2x2-causal"])
+    q, k, v = p.make(torch.float32, generator=gen)
+    with BoundsChecker() as chk:
+        forward(q, k, v, p.resolved_extent, p.causal, p.D ** -0.5, out=_short_view(q.shape, q.dtype))
+    bad = _violations(chk, "fwd_kernel", "store")
+    assert bad and len(bad) == len(chk.violations), chk.violations
+    assert all(x["bad_lanes"] > 0 and x["pid"][0] >= 0 for x in bad), bad
+
+
+def test_checker_catches_out_of_bounds_load(gen):
+    """A backward given an output gradient one frame short: preprocess, dK/dV and dQ read past it."""
+    p = _shrink(BY_ID["B2-T3H5W7-kvT2H3W4-h3-d24-e1x1x2"])
+    q, k, v = p.make(torch.float32, generator=gen)
+    extent, scale = p.resolved_extent, p.D ** -0.5
+    out, lse = forward(q, k, v, extent, p.causal, scale)
+    with BoundsChecker() as chk:
+        backward(q, k, v, out, lse, _short_view(q.shape, q.dtype), extent, p.causal, scale)
+    for kernel in ("bwd_preprocess_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel"):
+        assert _violations(chk, kernel, "load"), kernel
+    assert not [x for x in chk.violations if x["op"] == "store"]
