@@ -13,7 +13,11 @@ import torch
 
 from nuwa3dna import nearby_attention
 from nuwa3dna.kernels.cpu import planner
-from nuwa3dna.kernels.problems import WINDOW_PROBLEMS, Problem
+from nuwa3dna.kernels.cpu.backward import backward
+from nuwa3dna.kernels.cpu.forward import forward
+from nuwa3dna.kernels.cpu.planner import CpuConfig
+from nuwa3dna.kernels.problems import TEST_PROBLEMS, WINDOW_PROBLEMS, Problem
+from nuwa3dna.kernels.windows import Options
 from nuwa3dna.reference import dense_nearby_attention
 
 STRATEGIES = {"tiles": dict(fused_max_scores=0, fused_max_scores_wide=0),
@@ -65,3 +69,50 @@ def test_options_gradcheck_fp64(p, gen, strategy):
     q, k, v = (x.double().requires_grad_(True) for x in p.make(torch.float64, generator=gen))
     fn = lambda q, k, v: nearby_attention(q, k, v, p.extent, p.causal, backend="torch", **p.options)
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5)
+
+
+def _direct(p, q, k, v, dout, config):
+    """The tile loops through the backend's own entry points (no strategy choice)."""
+    opts = Options.of(p.causal, **p.options)
+    scale, extent, raster = p.D ** -0.5, p.resolved_extent, p.causal is True
+    out, lse = forward(q, k, v, extent, raster, scale, config, opts)
+    return (out, *backward(dout, q, k, v, out, lse, extent, raster, scale, config, opts))
+
+
+@pytest.mark.parametrize("tiles", [(1, 1), (2, 3), (3, 2), (16, 16)])
+@pytest.mark.parametrize("p", [WINDOW_PROBLEMS[2], WINDOW_PROBLEMS[6], WINDOW_PROBLEMS[9], EXTRA[1], EXTRA[5]],
+                         ids=lambda p: p.id)
+def test_options_tile_shapes(p, tiles, gen):
+    """Partial row tiles and strips, tiles larger than the grid, one-query tiles: fp64, tight."""
+    q, k, v = p.make(torch.float64, generator=gen)
+    dout = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    ours = _direct(p, q, k, v, dout, CpuConfig(tiles=tiles))
+    ref = _run(lambda q, k, v: dense_nearby_attention(q, k, v, p.extent, p.causal, **p.options), q, k, v, dout)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_plain_plan_unchanged():
+    """Options at their defaults: the plan is today's (runs = the non-empty qframes, in order)."""
+    for p in TEST_PROBLEMS:
+        g = planner.geometry(p.q_grid, p.kv, p.resolved_extent, p.causal is True, 2, 3)
+        assert g.runs == tuple((a, t0, t1) for a, (t0, t1) in enumerate(g.qframes) if t1 > t0)
+        assert g == planner.geometry(p.q_grid, p.kv, p.resolved_extent, p.causal is True, 2, 3, Options())
+
+
+def test_frame_runs_split():
+    """Dilation 2 on T: the query frames seeing one key frame are every other frame, one run each;
+    per-axis causal on T hides the query frames before the key frame."""
+    g = planner.geometry((6, 3, 3), (6, 3, 3), (1, 1, 1), False, 2, 2, Options(dilation=(2, 1, 1)))
+    assert [r for r in g.runs if r[0] == 2] == [(2, 0, 1), (2, 2, 3), (2, 4, 5)]
+    assert g.max_nf == 1
+    g = planner.geometry((6, 3, 3), (6, 3, 3), (2, 1, 1), False, 2, 2, Options(axis_causal=(True, False, False)))
+    assert [r for r in g.runs if r[0] == 2] == [(2, 2, 5)]
+
+
+def test_dilated_halo_size():
+    """Halo of a dilated axis: the union of the tile's windows (documented cost: about 2x per axis)."""
+    plain = planner.geometry((1, 32, 32), (1, 32, 32), (0, 3, 3), False, 4, 4)
+    dil = planner.geometry((1, 32, 32), (1, 32, 32), (0, 3, 3), False, 4, 4, Options(dilation=(1, 2, 2)))
+    assert (plain.lh, plain.lw) == (10, 10)
+    assert (dil.lh, dil.lw) == (16, 16)        # 4 rows (2 residues), dilated windows of 7 keys spanning 13 each

@@ -13,14 +13,16 @@ import torch
 
 from nuwa3dna.kernels.cpu.forward import Call, add_window_bias, blocks, chunks, guarded
 from nuwa3dna.kernels.cpu.layout import strips_kv, tile_rows, unstrip, untile_rows
-from nuwa3dna.kernels.cpu.planner import CpuConfig
+from nuwa3dna.kernels.cpu.planner import PLAIN, CpuConfig
+from nuwa3dna.kernels.windows import Options
 from nuwa3dna.kernels.cpu.workers import run, split
 
 
-def backward(dout, q, k, v, out, lse, extent, causal: bool, scale: float, config: CpuConfig, opts=None):
-    """Returns (dq, dk, dv) in the inputs' dtypes. Unchecked."""
+def backward(dout, q, k, v, out, lse, extent, causal: bool, scale: float, config: CpuConfig,
+             opts: Options = PLAIN):
+    """Returns (dq, dk, dv) in the inputs' dtypes. Unchecked. ``opts`` as in ``forward``."""
     return guarded(lambda c: _backward(dout, q, k, v, out, lse, causal, scale, c, config),
-                   q, k, extent, causal, config)
+                   q, k, extent, causal, config, opts)
 
 
 def _backward(dout, q, k, v, out, lse, causal, scale, c: Call, config: CpuConfig):

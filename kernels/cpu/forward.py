@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from nuwa3dna.kernels.cpu.layout import strips_kv, tile_rows, untile_rows
-from nuwa3dna.kernels.cpu.planner import CpuConfig, Geometry, plan, window_bias
+from nuwa3dna.kernels.cpu.planner import PLAIN, CpuConfig, Geometry, plan, window_bias
 from nuwa3dna.kernels.cpu.workers import in_worker, run, split, worker_count
 from nuwa3dna.kernels.cpu.workspace import Workspace, workspace
+from nuwa3dna.kernels.windows import Options
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,13 @@ class Call:
     max_nf: int                 # most query frames stacked on one key frame
 
 
-def setup(q, k, extent, causal: bool, config: CpuConfig, workers: int) -> Call:
+def setup(q, k, extent, causal: bool, config: CpuConfig, workers: int, opts: Options = PLAIN) -> Call:
     B, T, H, W, heads, _ = q.shape
     q_grid, kv_grid = (T, H, W), tuple(k.shape[1:4])
-    g = plan(q_grid, kv_grid, tuple(extent), causal, config)
+    g = plan(q_grid, kv_grid, tuple(extent), causal, config, opts)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    bias = window_bias(q_grid, kv_grid, tuple(extent), causal, g, acc, config.mask_cache_limit)
-    return Call(g, acc, bias, workspace(), workers, B * heads,
-                max(t1 - t0 for t0, t1 in g.qframes))
+    bias = window_bias(q_grid, kv_grid, tuple(extent), causal, g, acc, config.mask_cache_limit, opts)
+    return Call(g, acc, bias, workspace(), workers, B * heads, g.max_nf)
 
 
 def chunks(c: Call, config: CpuConfig, min_parts: int = 1):
@@ -80,12 +80,12 @@ class Block:
 
 
 def blocks(g: Geometry, groups):
-    """The loop steps of ``groups`` (b0, b1, j), key frames in order; frames nobody sees are skipped."""
+    """The loop steps of ``groups`` (b0, b1, j), key frames in order (``Geometry.runs``: one step per
+    contiguous run of query frames that see a key frame); frames nobody sees are skipped."""
     for b0, b1, j in groups:
         halo = slice(g.row_start[j], g.row_start[j] + g.lh)
-        for a, (t0, t1) in enumerate(g.qframes):
-            if t1 > t0:
-                yield Block(b0, b1, j, a, t0, t1, (b1 - b0) * g.ns, (t1 - t0) * g.bh * g.bw, g.lh * g.lw, halo)
+        for a, t0, t1 in g.runs:
+            yield Block(b0, b1, j, a, t0, t1, (b1 - b0) * g.ns, (t1 - t0) * g.bh * g.bw, g.lh * g.lw, halo)
 
 
 def add_window_bias(s: torch.Tensor, bias: torch.Tensor, j: int, own_frame_first: bool) -> None:
@@ -99,14 +99,14 @@ def add_window_bias(s: torch.Tensor, bias: torch.Tensor, j: int, own_frame_first
         s.add_(bias[0, j].unsqueeze(1))
 
 
-def guarded(body, q, k, extent, causal: bool, config: CpuConfig):
+def guarded(body, q, k, extent, causal: bool, config: CpuConfig, opts: Options = PLAIN):
     """Run ``body(call)`` for one forward or backward: on the lead worker (``in_worker``),
     outside inference mode and autograd, trimming the workspace afterwards."""
     workers = worker_count(q.device, config.max_workers)
 
     def lead():
         with torch.inference_mode(False), torch.no_grad():
-            c = setup(q, k, extent, causal, config, workers)
+            c = setup(q, k, extent, causal, config, workers, opts)
             try:
                 return body(c)
             finally:
@@ -114,9 +114,10 @@ def guarded(body, q, k, extent, causal: bool, config: CpuConfig):
     return in_worker(lead, workers)
 
 
-def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig, opts=None):
-    """Returns (out in q's dtype, lse (B, T, H, W, heads) in the accumulation dtype). Unchecked."""
-    return guarded(lambda c: _forward(q, k, v, causal, scale, c, config), q, k, extent, causal, config)
+def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig, opts: Options = PLAIN):
+    """Returns (out in q's dtype, lse (B, T, H, W, heads) in the accumulation dtype). Unchecked.
+    ``causal``: raster order; ``opts``: any other window option."""
+    return guarded(lambda c: _forward(q, k, v, causal, scale, c, config), q, k, extent, causal, config, opts)
 
 
 def _forward(q, k, v, causal, scale, c: Call, config: CpuConfig):

@@ -43,8 +43,6 @@ def torch_fwd(q: Tensor, k: Tensor, v: Tensor, extent: List[int], causal: bool,
 
 
 def _fused(q, k, extent, causal, config, opts) -> bool:
-    if not opts.plain:      # the tile loops take plain windows only (so far)
-        return True
     return sdpa.use_sdpa(q.shape[1:4], k.shape[1:4], extent, causal, config, opts)
 
 

@@ -5,6 +5,13 @@ values are re-laid into overlapping column strips (``layout.strips``): strip s
 holds the ``lw`` key columns that query columns s*bw .. s*bw+bw-1 can see, so
 the keys a query tile sees in one key frame (``lh`` rows x ``lw`` columns) are
 one contiguous (lh*lw, D) matrix.
+
+Any window (the v2 options of docs/design.md section 7, ``windows.Options``):
+a row tile's halo is the union of its queries' key windows on that axis (first
+to last visible key, from the closed-form ``windows.axis_windows``), the mask is
+the exact per-axis visibility (``windows.axis_mask``), and the query frames
+that see one key frame, an arbitrary set then, are cut into contiguous runs
+(``Geometry.runs``), one stacked bmm each. Plain windows keep today's plan.
 """
 from __future__ import annotations
 
@@ -17,6 +24,9 @@ from typing import Optional, Tuple
 import torch
 
 from nuwa3dna.kernels.geometry import Grid, centre_int, query_range
+from nuwa3dna.kernels.windows import Options, axis_mask, axis_windows
+
+PLAIN = Options()
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,30 @@ def _halo(n_q: int, n_kv: int, e: int, b: int) -> Tuple[int, int]:
     return tiles, span
 
 
+def _axis_spans(n_q: int, n_kv: int, b: int, kw: dict) -> Tuple[int, int, Tuple[int, ...]]:
+    """Any window: (tiles, max key span, first key per tile) along one axis for tiles of ``b``
+    queries; a tile's span runs from its queries' first visible key to their last."""
+    start, stop = _axis_bounds(n_q, n_kv, tuple(sorted(kw.items())))
+    tiles = -(-n_q // b)
+    span, firsts = 0, []
+    for j in range(tiles):
+        own = [(a, z) for a, z in zip(start[j * b:j * b + b], stop[j * b:j * b + b]) if z > a]
+        if not own:                      # no query of the tile sees a key on this axis
+            firsts.append(0)
+            continue
+        lo, hi = min(a for a, _ in own), max(z - kw["dilation"] for _, z in own) + 1
+        firsts.append(lo)
+        span = max(span, hi - lo)
+    return tiles, max(span, 1), tuple(firsts)
+
+
+@lru_cache(maxsize=256)
+def _axis_bounds(n_q: int, n_kv: int, kw: tuple) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Per query of one axis, its window's first key and stop (``windows.axis_windows``), as tuples."""
+    start, stop = axis_windows(n_q, n_kv, **dict(kw))
+    return tuple(start.tolist()), tuple(stop.tolist())
+
+
 def _mm_rate(nq: int) -> float:
     """Relative bmm speed by rows per tile, measured with (nq x 64) @ (64 x 112) batched
     on the 2-core AVX-512 machine: 4 -> 74, 8 -> 106, 16 -> 137, 32 -> 160 GFLOP/s."""
@@ -71,7 +105,7 @@ def _mm_rate(nq: int) -> float:
 
 
 @lru_cache(maxsize=256)
-def choose_tiles(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool) -> Tuple[int, int]:
+def choose_tiles(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, opts: Options = PLAIN) -> Tuple[int, int]:
     """Pick (bh, bw) minimising modelled time per query: the key halo each query
     pays for (matmul and softmax work) over the bmm rate at that tile height,
     plus a per-chunk Python overhead. For cpu-mid it picks 4x4 (49% of computed
@@ -84,9 +118,13 @@ def choose_tiles(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool) -> Tup
             nq = bh * bw
             if nq > 64 or (nq < 8 and (bh < H or bw < W)):
                 continue
-            nht, lh = _halo(H, H2, extent[1], bh)
-            ns, lw = _halo(W, W2, extent[2], bw)
-            lh, lw = min(lh, H2 + 2 * extent[1]), min(lw, W2 + 2 * extent[2])
+            if opts.plain:
+                nht, lh = _halo(H, H2, extent[1], bh)
+                ns, lw = _halo(W, W2, extent[2], bw)
+                lh, lw = min(lh, H2 + 2 * extent[1]), min(lw, W2 + 2 * extent[2])
+            else:
+                nht, lh, _ = _axis_spans(H, H2, bh, opts.axis(1, extent))
+                ns, lw, _ = _axis_spans(W, W2, bw, opts.axis(2, extent))
             # Per computed score: 2 matmuls of D plus ~4 elementwise passes
             # (softmax), each worth about 30 matmul flops at these sizes.
             cost = nht * bh * ns * bw * lh * lw * (1.0 / _mm_rate(nq) + 30.0 / 128.0 / 137.0)
@@ -109,7 +147,14 @@ class Geometry:
     h2p: int            # padded key rows
     row_start: Tuple[int, ...]    # per row tile, first halo row in padded rows
     col_start: Tuple[int, ...]    # per strip, first key column (may be < 0)
-    qframes: Tuple[Tuple[int, int], ...]  # per key frame, query frames [t0, t1) that see it
+    qframes: Tuple[Tuple[int, int], ...]  # per key frame, query frames [t0, t1) that see it (their hull)
+    runs: Tuple[Tuple[int, int, int], ...] = ()   # (key frame a, t0, t1): contiguous query frames seeing a,
+                                                  # key frames in order (the loops' steps)
+
+    @property
+    def max_nf(self) -> int:
+        """Most query frames stacked on one key frame in one step."""
+        return max((t1 - t0 for _, t0, t1 in self.runs), default=1)
 
     @property
     def left(self) -> int:
@@ -121,7 +166,11 @@ class Geometry:
 
 
 @lru_cache(maxsize=64)
-def geometry(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, bh: int, bw: int) -> Geometry:
+def geometry(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, bh: int, bw: int,
+             opts: Options = PLAIN) -> Geometry:
+    """The plan for tiles of ``bh`` x ``bw`` queries; ``causal`` is raster order, ``opts`` any window."""
+    if not opts.plain:
+        return _geometry_general(q_grid, kv_grid, extent, causal, bh, bw, opts)
     T, H, W = q_grid
     T2, H2, W2 = kv_grid
     et, eh, ew = extent
@@ -137,17 +186,47 @@ def geometry(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, bh: int, b
         if causal:
             t0 = max(t0, a)
         qframes.append((t0, t1) if t0 < t1 else (0, 0))
+    runs = tuple((a, t0, t1) for a, (t0, t1) in enumerate(qframes) if t1 > t0)
     return Geometry(bh, bw, nht, ns, lh, lw, pad_top, h2p,
-                    tuple(r + pad_top for r in rows), tuple(cols), tuple(qframes))
+                    tuple(r + pad_top for r in rows), tuple(cols), tuple(qframes), runs)
 
 
-def plan(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, config: CpuConfig) -> Geometry:
-    bh, bw = config.tiles or choose_tiles(q_grid, kv_grid, extent, causal)
-    return geometry(q_grid, kv_grid, extent, causal, bh, bw)
+def _geometry_general(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, bh: int, bw: int,
+                      opts: Options) -> Geometry:
+    """Any window: halos are the unions of the tile's windows, query frames exact runs."""
+    T, H, W = q_grid
+    T2, H2, W2 = kv_grid
+    nht, lh, rows = _axis_spans(H, H2, bh, opts.axis(1, extent))
+    ns, lw, cols = _axis_spans(W, W2, bw, opts.axis(2, extent))
+    h2p = max(H2, max(rows) + lh)
+    sees = axis_mask(T, T2, **opts.axis(0, extent))            # (T, T2): query frame t sees key frame a
+    if causal:                                                 # raster order: no key frame after the query's
+        sees &= torch.ones(T, T2, dtype=torch.bool).tril()
+    qframes, runs = [], []
+    for a in range(T2):
+        ts = torch.nonzero(sees[:, a]).flatten().tolist()
+        qframes.append((ts[0], ts[-1] + 1) if ts else (0, 0))
+        t0 = None
+        for i, t in enumerate(ts):
+            if t0 is None:
+                t0 = t
+            if i + 1 == len(ts) or ts[i + 1] != t + 1:
+                runs.append((a, t0, t + 1))
+                t0 = None
+    return Geometry(bh, bw, nht, ns, lh, lw, 0, h2p, tuple(rows), tuple(cols), tuple(qframes), tuple(runs))
+
+
+def plan(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, config: CpuConfig,
+         opts: Options = PLAIN) -> Geometry:
+    if opts.plain:       # today's calls, unchanged
+        bh, bw = config.tiles or choose_tiles(q_grid, kv_grid, extent, causal)
+        return geometry(q_grid, kv_grid, extent, causal, bh, bw)
+    bh, bw = config.tiles or choose_tiles(q_grid, kv_grid, extent, causal, opts)
+    return geometry(q_grid, kv_grid, extent, causal, bh, bw, opts)
 
 
 def _window_bias(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, g: Geometry,
-                 dtype: torch.dtype) -> torch.Tensor:
+                 dtype: torch.dtype, opts: Options = PLAIN) -> torch.Tensor:
     _, H, W = q_grid
     _, H2, W2 = kv_grid
     _, eh, ew = extent
@@ -164,8 +243,14 @@ def _window_bias(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, g: Geo
     c = torch.tensor(g.col_start)[s] + l
     ch = torch.div(h * H2, H, rounding_mode="floor")
     cw = torch.div(w * W2, W, rounding_mode="floor")
-    ok = ((b >= 0) & (b < H2) & (c >= 0) & (c < W2)
-          & ((b - ch).abs() <= eh) & ((c - cw).abs() <= ew))
+    inside = (b >= 0) & (b < H2) & (c >= 0) & (c < W2)
+    if opts.plain:
+        ok = inside & ((b - ch).abs() <= eh) & ((c - cw).abs() <= ew)
+    else:       # the exact per-axis windows (dilation, stride, shift, per-axis causal on H and W)
+        mh = axis_mask(H, H2, **opts.axis(1, extent))
+        mw = axis_mask(W, W2, **opts.axis(2, extent))
+        ok = (inside & mh[h.clamp(max=H - 1), b.clamp(0, H2 - 1)]
+              & mw[w.clamp(max=W - 1), c.clamp(0, W2 - 1)])
     pad_q = (h >= H) | (w >= W)
     masks = [ok]
     if causal:
@@ -209,7 +294,7 @@ MASKS = _MaskCache()
 
 
 def window_bias(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, g: Geometry,
-                dtype: torch.dtype, limit: int) -> torch.Tensor:
+                dtype: torch.dtype, limit: int, opts: Options = PLAIN) -> torch.Tensor:
     """Additive mask (1 + causal, nht, ns, bh*bw, lh*lw): 0 visible, -inf hidden.
 
     Visibility depends only on the tile's (row, strip) position and on whether
@@ -219,5 +304,5 @@ def window_bias(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, g: Geom
     query's own frame, adding the raster condition. Padded queries see 0 (they
     stay finite and are dropped). Linear in H*W: about 1 MiB for cpu-mid.
     """
-    key = (q_grid, kv_grid, extent, causal, g, dtype)
-    return MASKS.get(key, lambda: _window_bias(q_grid, kv_grid, extent, causal, g, dtype), limit)
+    key = (q_grid, kv_grid, extent, causal, g, dtype) + (() if opts.plain else (opts,))
+    return MASKS.get(key, lambda: _window_bias(q_grid, kv_grid, extent, causal, g, dtype, opts), limit)
