@@ -15,6 +15,7 @@ from nuwa3dna import nearby_attention
 from nuwa3dna.kernels.cpu import planner
 from nuwa3dna.kernels.cpu.backward import backward
 from nuwa3dna.kernels.cpu.forward import forward
+from nuwa3dna.kernels.cpu.layout import relay, unrelay
 from nuwa3dna.kernels.cpu.planner import CpuConfig
 from nuwa3dna.kernels.problems import TEST_PROBLEMS, WINDOW_PROBLEMS, Problem
 from nuwa3dna.kernels.windows import Options
@@ -111,8 +112,17 @@ def test_frame_runs_split():
 
 
 def test_dilated_halo_size():
-    """Halo of a dilated axis: the union of the tile's windows (documented cost: about 2x per axis)."""
+    """A dilated axis is re-laid by residue class (``planner.axis_perms``): a tile's halo is the
+    plain one (4 rows + 2*3), not the union of interleaved residues (4 + 2*2*3 = 16)."""
     plain = planner.geometry((1, 32, 32), (1, 32, 32), (0, 3, 3), False, 4, 4)
     dil = planner.geometry((1, 32, 32), (1, 32, 32), (0, 3, 3), False, 4, 4, Options(dilation=(1, 2, 2)))
     assert (plain.lh, plain.lw) == (10, 10)
-    assert (dil.lh, dil.lw) == (16, 16)        # 4 rows (2 residues), dilated windows of 7 keys spanning 13 each
+    assert (dil.lh, dil.lw) == (10, 10)
+    assert dil.perms[0][:3] == (0, 2, 4) and dil.perms[1][16:18] == (1, 3)
+
+
+def test_relay_roundtrip():
+    g = planner.geometry((2, 7, 9), (2, 11, 6), (1, 1, 1), False, 2, 3, Options(dilation=(1, 3, 2)))
+    for side, shape in (("q", (1, 2, 7, 9, 2, 4)), ("k", (1, 2, 11, 6, 2, 4))):
+        x = torch.randn(shape)
+        assert torch.equal(unrelay(relay(x, g, side), g, side), x)

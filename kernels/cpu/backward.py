@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from nuwa3dna.kernels.cpu.forward import Call, add_window_bias, blocks, chunks, guarded
-from nuwa3dna.kernels.cpu.layout import strips_kv, tile_rows, unstrip, untile_rows
+from nuwa3dna.kernels.cpu.layout import relay, strips_kv, tile_rows, unrelay, unstrip, untile_rows
 from nuwa3dna.kernels.cpu.planner import PLAIN, CpuConfig
 from nuwa3dna.kernels.windows import Options
 from nuwa3dna.kernels.cpu.workers import run, split
@@ -29,6 +29,8 @@ def _backward(dout, q, k, v, out, lse, causal, scale, c: Call, config: CpuConfig
     g, acc, ws = c.g, c.acc, c.ws
     D = q.shape[-1]
     ns, nq, nk = g.ns, g.bh * g.bw, g.lh * g.lw
+    dout, q, out, lse = (relay(x, g, "q") for x in (dout, q, out, lse))   # dilated axes by residue
+    k, v = relay(k, g, "k"), relay(v, g, "k")
     qs = tile_rows(q, g, acc, ws, "q", scale)              # (nht, BH*ns, T, nq, D), pre-scaled
     dos = tile_rows(dout, g, acc, ws, "do")
     ks, vs = strips_kv(k, v, g, acc, ws, c.workers)        # (BH, ns, T2, h2p, lw, D)
@@ -72,4 +74,4 @@ def _backward(dout, q, k, v, out, lse, causal, scale, c: Call, config: CpuConfig
     dq = untile_rows(dqs, g, q.shape, q.dtype, scale)
     dk = unstrip(dks, g, k.shape, k.dtype, ws)
     dv = unstrip(dvs, g, v.shape, v.dtype, ws)
-    return dq, dk, dv
+    return unrelay(dq, g, "q"), unrelay(dk, g, "k"), unrelay(dv, g, "k")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nuwa3dna.kernels.cpu.layout import strips_kv, tile_rows, untile_rows
+from nuwa3dna.kernels.cpu.layout import relay, strips_kv, tile_rows, unrelay, untile_rows
 from nuwa3dna.kernels.cpu.planner import PLAIN, CpuConfig, Geometry, plan, window_bias
 from nuwa3dna.kernels.cpu.workers import in_worker, run, split, worker_count
 from nuwa3dna.kernels.cpu.workspace import Workspace, workspace
@@ -123,6 +123,7 @@ def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig, opts
 def _forward(q, k, v, causal, scale, c: Call, config: CpuConfig):
     g, acc, ws = c.g, c.acc, c.ws
     ns, nq, nk = g.ns, g.bh * g.bw, g.lh * g.lw
+    q, k, v = relay(q, g, "q"), relay(k, g, "k"), relay(v, g, "k")      # dilated axes by residue
     qs = tile_rows(q, g, acc, ws, "q", scale)              # (nht, BH*ns, T, nq, D), pre-scaled
     ks, vs = strips_kv(k, v, g, acc, ws, c.workers)        # (BH, ns, T2, h2p, lw, D)
     # Online-softmax state. A query no key frame reached keeps l = 0 and comes
@@ -153,4 +154,4 @@ def _forward(q, k, v, causal, scale, c: Call, config: CpuConfig):
     os_.div_(lst.unsqueeze(-1))
     out = untile_rows(os_, g, q.shape, q.dtype)
     lse = untile_rows(lst.log_().add_(mst), g, q.shape[:5], acc)
-    return out, lse
+    return unrelay(out, g, "q"), unrelay(lse, g, "q")

@@ -70,18 +70,32 @@ def _halo(n_q: int, n_kv: int, e: int, b: int) -> Tuple[int, int]:
     return tiles, span
 
 
+def axis_perms(n_q: int, n_kv: int, d: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """The residue re-layout of a dilated axis: (query order, key order), each new index -> original
+    index, () when ``d`` is 1. Keys are sorted by (j mod d, j), queries by (centre mod d, p): a
+    query sees keys of its centre's residue only, so its dilated window becomes a contiguous run
+    of the re-laid keys and a tile of re-laid queries (mostly of one residue) has a halo of about
+    the tile plus one window, not the 2x-per-axis union of interleaved residues."""
+    if d == 1:
+        return (), ()
+    q = sorted(range(n_q), key=lambda p: ((p * n_kv // n_q) % d, p))
+    k = sorted(range(n_kv), key=lambda j: (j % d, j))
+    return tuple(q), tuple(k)
+
+
 def _axis_spans(n_q: int, n_kv: int, b: int, kw: dict) -> Tuple[int, int, Tuple[int, ...]]:
     """Any window: (tiles, max key span, first key per tile) along one axis for tiles of ``b``
-    queries; a tile's span runs from its queries' first visible key to their last."""
-    start, stop = _axis_bounds(n_q, n_kv, tuple(sorted(kw.items())))
+    queries, in the plan's coordinates (``axis_perms`` on a dilated axis); a tile's span runs
+    from its queries' first visible key to their last."""
+    first, end = _axis_bounds(n_q, n_kv, tuple(sorted(kw.items())))
     tiles = -(-n_q // b)
     span, firsts = 0, []
     for j in range(tiles):
-        own = [(a, z) for a, z in zip(start[j * b:j * b + b], stop[j * b:j * b + b]) if z > a]
+        own = [(a, z) for a, z in zip(first[j * b:j * b + b], end[j * b:j * b + b]) if z > a]
         if not own:                      # no query of the tile sees a key on this axis
             firsts.append(0)
             continue
-        lo, hi = min(a for a, _ in own), max(z - kw["dilation"] for _, z in own) + 1
+        lo, hi = min(a for a, _ in own), max(z for _, z in own)
         firsts.append(lo)
         span = max(span, hi - lo)
     return tiles, max(span, 1), tuple(firsts)
@@ -89,9 +103,28 @@ def _axis_spans(n_q: int, n_kv: int, b: int, kw: dict) -> Tuple[int, int, Tuple[
 
 @lru_cache(maxsize=256)
 def _axis_bounds(n_q: int, n_kv: int, kw: tuple) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """Per query of one axis, its window's first key and stop (``windows.axis_windows``), as tuples."""
-    start, stop = axis_windows(n_q, n_kv, **dict(kw))
-    return tuple(start.tolist()), tuple(stop.tolist())
+    """Per query of one axis in the plan's order, its first visible key and last + 1, in the plan's
+    key order (``windows.axis_windows``, re-laid by ``axis_perms``); first >= end: none."""
+    kw = dict(kw)
+    d = kw["dilation"]
+    start, stop = axis_windows(n_q, n_kv, **kw)
+    start, stop = start.tolist(), stop.tolist()
+    qp, kp = axis_perms(n_q, n_kv, d)
+    if not qp:
+        return tuple(start), tuple(z - d + 1 if z > a else a for a, z in zip(start, stop))
+    kinv = [0] * n_kv
+    for i, j in enumerate(kp):
+        kinv[j] = i
+    first, end = [], []
+    for p in qp:
+        a, z = start[p], stop[p]
+        if z > a:
+            first.append(kinv[a])
+            end.append(kinv[z - d] + 1)
+        else:
+            first.append(0)
+            end.append(0)
+    return tuple(first), tuple(end)
 
 
 def _mm_rate(nq: int) -> float:
@@ -150,6 +183,10 @@ class Geometry:
     qframes: Tuple[Tuple[int, int], ...]  # per key frame, query frames [t0, t1) that see it (their hull)
     runs: Tuple[Tuple[int, int, int], ...] = ()   # (key frame a, t0, t1): contiguous query frames seeing a,
                                                   # key frames in order (the loops' steps)
+    # Residue re-layout of dilated H and W axes (``axis_perms``; () = identity): new index ->
+    # original, for query rows, key rows, query columns, key columns. Rows, columns, halos
+    # and masks above are in the re-laid coordinates.
+    perms: Tuple[Tuple[int, ...], ...] = ((), (), (), ())
 
     @property
     def max_nf(self) -> int:
@@ -213,7 +250,9 @@ def _geometry_general(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, b
             if i + 1 == len(ts) or ts[i + 1] != t + 1:
                 runs.append((a, t0, t + 1))
                 t0 = None
-    return Geometry(bh, bw, nht, ns, lh, lw, 0, h2p, tuple(rows), tuple(cols), tuple(qframes), tuple(runs))
+    perms = axis_perms(H, H2, opts.dilation[1]) + axis_perms(W, W2, opts.dilation[2])
+    return Geometry(bh, bw, nht, ns, lh, lw, 0, h2p, tuple(rows), tuple(cols), tuple(qframes), tuple(runs),
+                    perms)
 
 
 def plan(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, config: CpuConfig,
@@ -244,14 +283,20 @@ def _window_bias(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, g: Geo
     ch = torch.div(h * H2, H, rounding_mode="floor")
     cw = torch.div(w * W2, W, rounding_mode="floor")
     inside = (b >= 0) & (b < H2) & (c >= 0) & (c < W2)
+    pad_q = (h >= H) | (w >= W)
     if opts.plain:
         ok = inside & ((b - ch).abs() <= eh) & ((c - cw).abs() <= ew)
     else:       # the exact per-axis windows (dilation, stride, shift, per-axis causal on H and W)
         mh = axis_mask(H, H2, **opts.axis(1, extent))
         mw = axis_mask(W, W2, **opts.axis(2, extent))
-        ok = (inside & mh[h.clamp(max=H - 1), b.clamp(0, H2 - 1)]
-              & mw[w.clamp(max=W - 1), c.clamp(0, W2 - 1)])
-    pad_q = (h >= H) | (w >= W)
+        qh, kh, qw, kw = (torch.tensor(x, dtype=torch.long) if x else None for x in g.perms)
+        h, w = h.clamp(max=H - 1), w.clamp(max=W - 1)         # padded queries: any row, masked below
+        b, c = b.clamp(0, H2 - 1), c.clamp(0, W2 - 1)         # outside the grid: masked by ``inside``
+        if qh is not None:                                    # back to original coordinates
+            h, b = qh[h], kh[b]
+        if qw is not None:
+            w, c = qw[w], kw[c]
+        ok = inside & mh[h, b] & mw[w, c]
     masks = [ok]
     if causal:
         masks.append(ok & (b * W2 + c <= h * W + w))
