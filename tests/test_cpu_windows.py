@@ -101,12 +101,13 @@ def test_plain_plan_unchanged():
         assert g == planner.geometry(p.q_grid, p.kv, p.resolved_extent, p.causal is True, 2, 3, Options())
 
 
-def test_frame_runs_split():
-    """Dilation 2 on T: the query frames seeing one key frame are every other frame, one run each;
-    per-axis causal on T hides the query frames before the key frame."""
+def test_frame_runs():
+    """Dilation 2 on T re-lays frames by residue, so the query frames seeing key frame 1 (1 and 3;
+    re-laid 3 and 4, key 1 -> 3) are one run; per-axis causal on T hides the query frames
+    before the key frame; without re-layout a dilated frame set would split into runs of one."""
     g = planner.geometry((6, 3, 3), (6, 3, 3), (1, 1, 1), False, 2, 2, Options(dilation=(2, 1, 1)))
-    assert [r for r in g.runs if r[0] == 2] == [(2, 0, 1), (2, 2, 3), (2, 4, 5)]
-    assert g.max_nf == 1
+    assert g.perms[4] == g.perms[5] == (0, 2, 4, 1, 3, 5)
+    assert [r for r in g.runs if r[0] == 3] == [(3, 3, 5)]
     g = planner.geometry((6, 3, 3), (6, 3, 3), (2, 1, 1), False, 2, 2, Options(axis_causal=(True, False, False)))
     assert [r for r in g.runs if r[0] == 2] == [(2, 2, 5)]
 

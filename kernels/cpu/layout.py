@@ -112,13 +112,15 @@ def unstrip(xs: torch.Tensor, g: Geometry, shape, dtype, ws: Workspace) -> torch
 
 
 def _perm_axes(g: Geometry, side: str):
-    return (g.perms[0], g.perms[2]) if side == "q" else (g.perms[1], g.perms[3])
+    """Re-layouts of dims 1, 2, 3 (frames, rows, columns) of one side."""
+    p = g.perms
+    return (p[4], p[0], p[2]) if side == "q" else (p[5], p[1], p[3])
 
 
 def relay(x: torch.Tensor, g: Geometry, side: str) -> torch.Tensor:
-    """(B, T, H, W, ...) of the queries (``side="q"``) or keys/values ("k") in the plan's row and
-    column order: the residue re-layout of dilated axes (``planner.axis_perms``); x itself if none."""
-    for dim, perm in zip((2, 3), _perm_axes(g, side)):
+    """(B, T, H, W, ...) of the queries (``side="q"``) or keys/values ("k") in the plan's frame, row
+    and column order: the residue re-layout of dilated axes (``planner.axis_perms``); x itself if none."""
+    for dim, perm in zip((1, 2, 3), _perm_axes(g, side)):
         if perm:
             x = x.index_select(dim, torch.tensor(perm, dtype=torch.long, device=x.device))
     return x
@@ -126,7 +128,7 @@ def relay(x: torch.Tensor, g: Geometry, side: str) -> torch.Tensor:
 
 def unrelay(x: torch.Tensor, g: Geometry, side: str) -> torch.Tensor:
     """Inverse of ``relay``: back to the grid's order."""
-    for dim, perm in zip((2, 3), _perm_axes(g, side)):
+    for dim, perm in zip((1, 2, 3), _perm_axes(g, side)):
         if perm:
             inv = torch.empty(len(perm), dtype=torch.long)
             inv[torch.tensor(perm, dtype=torch.long)] = torch.arange(len(perm))

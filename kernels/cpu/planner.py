@@ -183,10 +183,10 @@ class Geometry:
     qframes: Tuple[Tuple[int, int], ...]  # per key frame, query frames [t0, t1) that see it (their hull)
     runs: Tuple[Tuple[int, int, int], ...] = ()   # (key frame a, t0, t1): contiguous query frames seeing a,
                                                   # key frames in order (the loops' steps)
-    # Residue re-layout of dilated H and W axes (``axis_perms``; () = identity): new index ->
-    # original, for query rows, key rows, query columns, key columns. Rows, columns, halos
-    # and masks above are in the re-laid coordinates.
-    perms: Tuple[Tuple[int, ...], ...] = ((), (), (), ())
+    # Residue re-layout of dilated axes (``axis_perms``; () = identity): new index -> original,
+    # for query rows, key rows, query columns, key columns, query frames, key frames. Rows,
+    # columns, halos, masks, qframes and runs above are in the re-laid coordinates.
+    perms: Tuple[Tuple[int, ...], ...] = ((), (), (), (), (), ())
 
     @property
     def max_nf(self) -> int:
@@ -239,6 +239,9 @@ def _geometry_general(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, b
     sees = axis_mask(T, T2, **opts.axis(0, extent))            # (T, T2): query frame t sees key frame a
     if causal:                                                 # raster order: no key frame after the query's
         sees &= torch.ones(T, T2, dtype=torch.bool).tril()
+    qt, kt = axis_perms(T, T2, opts.dilation[0])               # dilated frames: runs of one residue
+    if qt:                                                     # (self-attention: qt == kt, so t == a
+        sees = sees[list(qt)][:, list(kt)]                     # still marks the query's own frame)
     qframes, runs = [], []
     for a in range(T2):
         ts = torch.nonzero(sees[:, a]).flatten().tolist()
@@ -250,7 +253,7 @@ def _geometry_general(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, b
             if i + 1 == len(ts) or ts[i + 1] != t + 1:
                 runs.append((a, t0, t + 1))
                 t0 = None
-    perms = axis_perms(H, H2, opts.dilation[1]) + axis_perms(W, W2, opts.dilation[2])
+    perms = axis_perms(H, H2, opts.dilation[1]) + axis_perms(W, W2, opts.dilation[2]) + (qt, kt)
     return Geometry(bh, bw, nht, ns, lh, lw, 0, h2p, tuple(rows), tuple(cols), tuple(qframes), tuple(runs),
                     perms)
 
@@ -289,7 +292,7 @@ def _window_bias(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, g: Geo
     else:       # the exact per-axis windows (dilation, stride, shift, per-axis causal on H and W)
         mh = axis_mask(H, H2, **opts.axis(1, extent))
         mw = axis_mask(W, W2, **opts.axis(2, extent))
-        qh, kh, qw, kw = (torch.tensor(x, dtype=torch.long) if x else None for x in g.perms)
+        qh, kh, qw, kw = (torch.tensor(x, dtype=torch.long) if x else None for x in g.perms[:4])
         h, w = h.clamp(max=H - 1), w.clamp(max=W - 1)         # padded queries: any row, masked below
         b, c = b.clamp(0, H2 - 1), c.clamp(0, W2 - 1)         # outside the grid: masked by ``inside``
         if qh is not None:                                    # back to original coordinates
