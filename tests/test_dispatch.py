@@ -60,3 +60,19 @@ def test_reason_logged_at_debug(gen, caplog):
     with caplog.at_level(logging.DEBUG, logger="nuwa3dna"):
         nearby_attention(q, k, v, CASES[0].extent, causal=True)
     assert any("fused-kernel strategy" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("p,fused", [
+    (Problem(2, (4, 8, 8), 2, 16, (1, 3, 3), dilation=(1, 2, 2)), True),
+    (Problem(1, (4, 16, 17), 1, 8, (1, 2, 2), stride=(1, 2, 2), border="shift"), False),
+    (Problem(1, (4, 16, 17), 1, 8, (1, 2, 2), causal=(True, False, False), dilation=(2, 1, 1)), False),
+], ids=lambda x: x.id if isinstance(x, Problem) else str(x))
+def test_auto_with_window_options(p, fused, gen):
+    """The v2 window options run on the torch backend, in the strategy their exact pair count picks;
+    auto returns what backend='torch' returns."""
+    q, k, v = p.make(torch.float32, generator=gen)
+    named, why = choose_backend(q, k, p.resolved_extent, p.causal, **p.options)
+    assert named == "torch" and ("fused-kernel" in why) == fused and ("tile" in why) != fused
+    with torch.no_grad():
+        assert torch.equal(nearby_attention(q, k, v, p.extent, p.causal, **p.options),
+                           nearby_attention(q, k, v, p.extent, p.causal, backend="torch", **p.options))
