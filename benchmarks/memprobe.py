@@ -6,7 +6,8 @@ the call) after one call minus its resident set just before it, after inputs are
 warm-up call has loaded every library. It counts everything the call touches
 (outputs, gradients, temporaries, the torch path's scratch buffers), not just
 tensors, and needs no allocator hooks: tracemalloc does not see torch.
-(T H W divide the workload's grid, as Problem.scaled.)
+(T H W divide the workload's grid, as Problem.scaled; WORKLOAD is a shared
+named workload or one of the model's layer sizes, benchmarks/workloads.py.)
 """
 from __future__ import annotations
 
@@ -54,9 +55,10 @@ def main(argv):
     workload, t, h, w, direction, backend = argv
     import torch
     from nuwa3dna import nearby_attention
-    from nuwa3dna.problems import WORKLOADS, Problem
+    from benchmarks.workloads import ALL_WORKLOADS
+    from nuwa3dna.problems import Problem
 
-    def call(p):
+    def call(p, backend=backend):
         grad = direction == "fwdbwd"
         q, k, v = p.make(requires_grad=grad)
         _reset_peak()
@@ -66,9 +68,12 @@ def main(argv):
             out.backward(torch.ones_like(out))
         return base
 
-    full = WORKLOADS[workload]
-    call(Problem(1, (2, 3, 3), full.heads, full.D, full.extent, full.causal,
-                 None if full.kv_grid is None else (2, 2, 2)))
+    full = ALL_WORKLOADS[workload]
+    tiny = Problem(1, (2, 3, 3), full.heads, full.D, full.extent, full.causal,
+                   None if full.kv_grid is None else (2, 2, 2))
+    # Load every library the call may use: auto may pick a backend the tiny call does not.
+    for b in (["torch", "dense"] if backend == "auto" else [backend]):
+        call(tiny, b)
     p = full.scaled(int(t), int(h), int(w))
     base = call(p)
     print(json.dumps({"peak_mb": _maxrss_mb() - base}))

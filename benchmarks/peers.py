@@ -1,6 +1,11 @@
 """Peer implementations of 3DNA that the benchmarks compare against.
 
-* ``dense``: the masked SDPA reference (nuwa3dna.reference), (queries x keys) mask.
+* ``dense``: the masked SDPA reference, (queries x keys) mask, called as
+  ``nearby_attention(..., backend="dense")``: the same
+  ``dense_nearby_attention`` after the public API's input checks. Through the
+  API so that ``auto``, ``torch`` and ``dense`` rows pay the same per-call
+  overhead and ``auto / best`` compares like with like (the checks cost
+  ~0.2 ms a call, i.e. 2x on a 0.2 ms model-text call).
 * ``flex``: FlexAttention under torch.compile with the same mask as a mask_mod;
   the block mask is built once per (problem, device) and cached.
 * ``unfold``: the plain-PyTorch way of the nuwa-pytorch port: pad the key grid,
@@ -10,9 +15,11 @@
   (no rescaled centres). It materialises every window (147 keys x D per query
   for cpu-mid), so it runs one head at a time to fit memory; that loop changes
   no per-element work.
-* ``natten``: NATTEN's fused neighbourhood attention, only when importable
-  (not installed here). It shifts windows inward at borders, so it is a speed
-  peer only, never a correctness one.
+* ``natten``: NATTEN's neighbourhood attention, only when importable (0.21.7
+  was installed here on 2026-12-02; on CPU it runs FlexAttention, forward
+  only). It shifts windows inward at borders and its causal is per axis, so
+  it is a speed peer only, never a correctness one; it needs one grid for q
+  and kv and windows >= 2 on every axis longer than 1 (``natten_supported``).
 
 Untested here: the peers' own correctness is spot-checked against the dense
 reference only for ``unfold`` (tests/ does not import benchmarks/).
@@ -20,17 +27,18 @@ reference only for ``unfold`` (tests/ does not import benchmarks/).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from nuwa3dna import nearby_attention
 from nuwa3dna.problems import Problem
-from nuwa3dna.reference import dense_nearby_attention
 
 
 def dense(p: Problem) -> Callable:
-    return lambda q, k, v: dense_nearby_attention(q, k, v, p.extent, p.causal)
+    return lambda q, k, v: nearby_attention(q, k, v, p.extent, causal=p.causal, backend="dense")
 
 
 # ------------------------------------------------------------------ FlexAttention
@@ -130,12 +138,42 @@ def natten_available() -> bool:
         return False
 
 
+NATTEN_CPU_MAX_PAIRS = 1 << 25        # B*Nq*Nk: nuwa-video (1.9e7) runs, cpu-mid (6.7e7) skips
+
+
+def natten_supported(p: Problem, direction: str, device: str) -> Optional[str]:
+    """None if the NATTEN peer can run ``p``, else why not."""
+    if p.kv_grid is not None and p.kv_grid != p.q_grid:
+        return "NATTEN needs q and kv on one grid (no rescaled centres)"
+    if any(n > 1 and e == 0 for n, e in zip(p.q_grid, p.resolved_extent)):
+        return "NATTEN windows are >= 2 on every axis (extent 0 on an axis longer than 1)"
+    if device == "cpu" and direction == "fwdbwd":
+        return "NATTEN runs FlexAttention on CPU: no CPU backward"
+    pairs = p.B * math.prod(p.q_grid) * math.prod(p.kv)
+    if device == "cpu" and pairs > NATTEN_CPU_MAX_PAIRS:
+        return (f"NATTEN on CPU is uncompiled FlexAttention (torch_compile=True finds no CPU backend): "
+                f"it materialises {pairs:.2g} scores per head; nuwa-video's 1.9e7 already takes 14 s")
+    return None
+
+
 def natten(p: Problem) -> Callable:
-    """NATTEN's fused 3D neighbourhood attention (window = 2e+1, shifted at borders)."""
-    from natten.functional import na3d
-    kernel = tuple(2 * e + 1 for e in p.resolved_extent)
+    """NATTEN's neighbourhood attention (window 2e+1, shifted inward at borders), NATTEN defaults.
+
+    Axes of length 1 are dropped (na2d / na1d): NATTEN refuses windows of 1.
+    Windows longer than their axis are clipped to it (the whole axis, as our
+    capped extent). Causal is NATTEN's per-axis causal on every kept axis, a
+    smaller key set than our raster-order causal: a speed peer only.
+    """
+    from natten import functional as NF
+    keep = [i for i, n in enumerate(p.q_grid) if n > 1]
+    kernel = tuple(min(2 * p.resolved_extent[i] + 1, p.q_grid[i]) for i in keep)
+    op = {1: NF.na1d, 2: NF.na2d, 3: NF.na3d}[len(keep)]
+    causal = (True,) * len(keep) if p.causal else False
 
     def run(q, k, v):
-        # NATTEN needs odd windows no larger than the grid; it shifts them at borders.
-        return na3d(q, k, v, kernel_size=kernel, is_causal=(p.causal,) * 3 if p.causal else False)
+        B, T, H, W, heads, D = q.shape
+        shape = (B, *(q.shape[1 + i] for i in keep), heads, D)
+        out = op(q.reshape(shape), k.reshape(shape), v.reshape(shape), kernel_size=kernel,
+                 is_causal=causal)
+        return out.reshape(q.shape)
     return run
