@@ -43,6 +43,8 @@ def setup(q, k, extent, causal: bool, config: CpuConfig, workers: int, opts: Opt
     g = plan(q_grid, kv_grid, tuple(extent), causal, config, opts)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     bias = window_bias(q_grid, kv_grid, tuple(extent), causal, g, acc, config.mask_cache_limit, opts)
+    if bias.device != q.device:     # masks are built (and cached) on the CPU
+        bias = bias.to(q.device)
     return Call(g, acc, bias, workspace(), workers, B * heads, g.max_nf)
 
 

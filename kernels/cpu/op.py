@@ -43,6 +43,8 @@ def torch_fwd(q: Tensor, k: Tensor, v: Tensor, extent: List[int], causal: bool,
 
 
 def _fused(q, k, extent, causal, config, opts) -> bool:
+    if q.device.type != "cpu":      # the fused kernel (aten's flash attention for CPU) runs on CPU only
+        return False
     return sdpa.use_sdpa(q.shape[1:4], k.shape[1:4], extent, causal, config, opts)
 
 
