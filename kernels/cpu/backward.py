@@ -29,13 +29,13 @@ def _backward(dout, q, k, v, out, lse, causal, scale, c: Call, config: CpuConfig
     g, acc, ws = c.g, c.acc, c.ws
     D = q.shape[-1]
     ns, nq, nk = g.ns, g.bh * g.bw, g.lh * g.lw
-    dout, q, out, lse = (relay(x, g, "q") for x in (dout, q, out, lse))   # dilated axes by residue
+    # delta = rowsum(dO * O): the softmax-Jacobian term of every query.
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    dout, q, delta, lse = (relay(x, g, "q") for x in (dout, q, delta, lse))   # dilated axes by residue
     k, v = relay(k, g, "k"), relay(v, g, "k")
     qs = tile_rows(q, g, acc, ws, "q", scale)              # (nht, BH*ns, T, nq, D), pre-scaled
     dos = tile_rows(dout, g, acc, ws, "do")
     ks, vs = strips_kv(k, v, g, acc, ws, c.workers)        # (BH, ns, T2, h2p, lw, D)
-    # delta = rowsum(dO * O): the softmax-Jacobian term of every query.
-    delta = (dout.to(acc) * out.to(acc)).sum(-1)
     deltas = tile_rows(delta, g, acc, ws, "delta")          # (nht, BH*ns, T, nq)
     lses = tile_rows(lse, g, acc, ws, "lse")
     dqs = ws.get("dq", qs.shape, acc, q.device).zero_()
