@@ -21,20 +21,25 @@ MAX_TRITON_HEAD_DIM = 256
 AXES = "thw"
 
 
-def _radius(e, what):
-    """One radius: None, or an integer >= 0 (Python, numpy or a one-element integer tensor)."""
-    if e is None:
-        return None
-    if isinstance(e, bool) or isinstance(e, float) or (
-            isinstance(e, torch.Tensor) and (e.numel() != 1 or e.is_floating_point() or e.is_complex())):
-        raise TypeError(f"{what} must be an int >= 0 or None, got {e!r} of type {type(e).__name__}")
+def _integer(x, what, least: int):
+    """An integer >= ``least`` (Python, numpy or a one-element integer tensor), named in errors."""
+    bad = isinstance(x, (bool, float)) or (
+        isinstance(x, torch.Tensor) and (x.numel() != 1 or x.is_floating_point() or x.is_complex()))
     try:
-        r = operator.index(e.item() if isinstance(e, torch.Tensor) else e)
+        if bad:
+            raise TypeError
+        n = operator.index(x.item() if isinstance(x, torch.Tensor) else x)
     except TypeError:
-        raise TypeError(f"{what} must be an int >= 0 or None, got {e!r} of type {type(e).__name__}") from None
-    if r < 0:
-        raise ValueError(f"{what} must be >= 0, got {r}")
-    return r
+        kind = "an int >= 0 or None" if least == 0 else f"an int >= {least}"
+        raise TypeError(f"{what} must be {kind}, got {x!r} of type {type(x).__name__}") from None
+    if n < least:
+        raise ValueError(f"{what} must be >= {least}, got {n}")
+    return n
+
+
+def _radius(e, what):
+    """One radius: None, or an integer >= 0."""
+    return None if e is None else _integer(e, what, 0)
 
 
 def normalize_extent(extent):
@@ -132,17 +137,8 @@ def normalize_causal(causal):
 
 
 def _count(x, what):
-    """One dilation or stride: an integer >= 1 (Python, numpy or a one-element integer tensor)."""
-    if isinstance(x, (bool, float)) or (
-            isinstance(x, torch.Tensor) and (x.numel() != 1 or x.is_floating_point() or x.is_complex())):
-        raise TypeError(f"{what} must be an int >= 1, got {x!r} of type {type(x).__name__}")
-    try:
-        n = operator.index(x.item() if isinstance(x, torch.Tensor) else x)
-    except TypeError:
-        raise TypeError(f"{what} must be an int >= 1, got {x!r} of type {type(x).__name__}") from None
-    if n < 1:
-        raise ValueError(f"{what} must be >= 1, got {n}")
-    return n
+    """One dilation or stride: an integer >= 1."""
+    return _integer(x, what, 1)
 
 
 def normalize_per_axis(x, name):

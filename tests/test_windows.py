@@ -12,7 +12,7 @@ from nuwa3dna import NearbyAttention3D, brute_force_nearby_attention, dense_near
 from nuwa3dna.checks import check_window_grids, check_windows, normalize_extent
 from nuwa3dna.dispatch import choose_backend
 from nuwa3dna.kernels import windows
-from nuwa3dna.kernels.geometry import centre, count_visible, grid_coords, resolve_extent
+from nuwa3dna.kernels.geometry import count_visible, grid_coords, resolve_extent
 from nuwa3dna.kernels.problems import TEST_PROBLEMS, WINDOW_PROBLEMS, WORKLOADS, Problem
 from nuwa3dna.reference import brute_force_mask, nearby_mask
 
@@ -22,24 +22,10 @@ def _tiny(one_thread):
     """Tiny problems, many small ops: one intra-op thread (conftest.one_thread)."""
 
 
-def old_visible(q_coords, k_coords, q_grid, kv_grid, extent, causal):
-    """``geometry.visible`` as it was before windows v2 (commit 31c9dcf), verbatim: the oracle
-    for "defaults are bit for bit today's"."""
-    ok = None
-    for axis in range(3):
-        c = centre(q_coords[:, axis], q_grid[axis], kv_grid[axis])
-        near = (k_coords[None, :, axis] - c[:, None]).abs() <= extent[axis]
-        ok = near if ok is None else ok & near
-    if causal:
-        H, W = kv_grid[1], kv_grid[2]
-        rq = (q_coords[:, 0] * H + q_coords[:, 1]) * W + q_coords[:, 2]
-        rk = (k_coords[:, 0] * H + k_coords[:, 1]) * W + k_coords[:, 2]
-        ok = ok & (rk[None, :] <= rq[:, None])
-    return ok
-
-
 def old_mask(p):
-    return old_visible(grid_coords(p.q_grid), grid_coords(p.kv), p.q_grid, p.kv, p.resolved_extent, p.causal)
+    """The mask of section 1 (what ``visible`` computed before windows v2), from the brute-force
+    definition, which is written without ``geometry``: the oracle for "defaults are bit for bit today's"."""
+    return brute_force_mask(p.q_grid, p.kv, p.extent, p.causal)
 
 
 # ----------------------------------------------------------------------------- random problems
