@@ -2,9 +2,10 @@
 
 Reads top-down: ``jit`` (jit helpers and the key walk shared by the forward
 and dQ kernels) -> ``forward`` (forward kernel) -> ``backward`` (preprocess,
-dK/dV, dQ kernels) -> ``tables`` / ``configs`` (per-architecture launch tables,
-tile planner, ``pick_configs``) -> ``launch`` (launchers returning (kernel,
-grid, args, meta), ``forward()`` / ``backward()`` drivers) -> ``op`` (the
+dK/dV, dQ kernels) -> ``plan`` (exact computed-pair counts) -> ``tables`` /
+``configs`` (per-architecture launch tables, tile planner, ``pick_configs``)
+-> ``launch`` (launchers returning (kernel, grid, args, meta), ``forward()`` /
+``backward()`` drivers) -> ``op`` (the
 ``torch.library`` custom ops and ``triton_attention``, which ``nuwa3dna.ops``
 imports lazily). Importing this package imports no Triton, so the library
 loads where Triton is absent.
@@ -21,9 +22,12 @@ form a key box; the program walks that box in one flat, software-pipelined
 loop over 1 x KH x KW key tiles with runtime bounds and builds the visibility
 mask from coordinates, so no (queries x keys) tensor exists anywhere. Causal:
 key tiles whose first key comes after the tile's last query are a tail of the
-walk and are never visited. Tile shapes come from a cost model on the actual
-grids (``configs.plan_tiles``); rows, warps and stages from a per-architecture
-table (``tables.LAUNCH_TABLES``) checked by ``kernels/report.py``.
+walk and are never visited, and the programs run in reverse raster order so
+the longest (latest) tiles start first. Tile shapes minimise the exact count
+of computed score pairs on the actual grids, causal skips included
+(``configs.plan_tiles``, ``plan.computed_pairs``); rows, warps and stages come
+from a per-architecture table (``tables.LAUNCH_TABLES``) checked by
+``kernels/report.py``. ``bounds`` checks every load and store under the interpreter.
 
 Backward (FlashAttention-2): ``delta = rowsum(dO * O)``, then dK/dV with one
 program per 3D key tile walking the query tiles whose windows reach it, then

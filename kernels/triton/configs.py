@@ -13,6 +13,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from nuwa3dna.kernels.env import interpreter_enabled
+from nuwa3dna.kernels.triton import plan
 from nuwa3dna.kernels.triton.tables import LAUNCH_TABLES
 
 Tile = Tuple[int, int, int]
@@ -71,47 +72,35 @@ def _shapes(n: int, grid: Tile, max_t: Optional[int] = None):
     return out
 
 
-def _span(block: int, n_from: int, n_to: int, e: int) -> int:
-    """Length of the union of windows (radius e in a grid of n_to) of ``block`` consecutive
-    indices of a grid of n_from: the centres of b neighbours span <= ceil((b-1)*n_to/n_from)+1."""
-    return min(n_to, -(-(block - 1) * n_to // n_from) + 1 + 2 * e)
-
-
-def _work(outer: Tile, inner: Tile, outer_grid, inner_grid, extent_like) -> int:
-    """Rows x columns computed: (number of outer tiles) x (inner rows walked per outer tile)."""
-    n_outer = math.prod(-(-g // b) for g, b in zip(outer_grid, outer))
-    per_tile = 1
-    for b, k, g_out, g_in, e in zip(outer, inner, outer_grid, inner_grid, extent_like):
-        box = _span(b, g_out, g_in, e)
-        per_tile *= -(-box // k) * k
-    return n_outer * math.prod(outer) * per_tile
-
-
 @functools.lru_cache(maxsize=256)
-def plan_tiles(outer_grid, inner_grid, extent_like, block_outer: int, block_inner: int):
-    """Tile shapes (outer, inner) minimising the computed (row, column) pairs.
+def plan_tiles(kind: str, q_grid, kv_grid, extent, causal: bool, block_outer: int, block_inner: int):
+    """Tile shapes (q_tile, k_tile) of kernel ``kind`` minimising the computed score pairs.
 
-    The walked (inner) tile is one frame deep, so its frame test is per row.
-    Keys computed per query, 64 x 64 tiles, from ``_work``: gpu-large (16x48x48,
-    extent (1,3,3), 147 visible): 1x8x8 or 2x2x16 queries with 1x4x16 / 1x8x8
-    keys 768 (17% visible), 1x4x16 960, 1x1x64 1536 (the planner takes 2x2x16,
-    the wider tie). nuwa-video (10x21x21, extent 3, all 10 frames in reach):
-    16x2x2 queries 1124 keys per query, 2x4x8 2006, 1x8x8 2341 (before causal
-    skipping, which the model ignores). Text grids (1x1xL) get 1x1x64 tiles.
+    The count is exact (``plan.computed_pairs``: the kernels' own loop bounds,
+    padding and causal skips included). The walked tile is one frame deep, so its
+    frame test is per row: fwd/dQ walk 1 x KH x KW key tiles from BT x BH x BW
+    query tiles (``block_outer`` queries, ``block_inner`` keys); dK/dV walk
+    1 x BH x BW query tiles from KT x KH x KW key tiles (``block_outer`` keys).
+    Ties go to wider rows (contiguous rows of the grid).
+
+    Score pairs per (batch, head) at 64 x 64 (fwd) / 64 x 32 (dK/dV) rows, useful
+    = visible / computed: nuwa-video forward 1x8x8 / 1x8x8, 3.28M pairs, 16.2%
+    useful (the box model's 16x2x2: 4.96M, 10.7%: every tile spanned every frame,
+    so causal skipping removed almost nothing); nuwa-image forward 1x8x8 / 1x8x8,
+    11.4% (1x2x32: 6.9%); gpu-large forward 1x8x8 / 1x4x16, 19.4% (2x2x16 / 1x8x8:
+    18.2%). Text grids (1x1xL) get 1x1x64 tiles.
     """
+    q_grid, kv_grid, extent = tuple(q_grid), tuple(kv_grid), tuple(extent)
+    outer_grid, inner_grid = (kv_grid, q_grid) if kind == "dkdv" else (q_grid, kv_grid)
     best = None
     for outer in _shapes(block_outer, outer_grid):
         for inner in _shapes(block_inner, inner_grid, max_t=1):
-            w = _work(outer, inner, outer_grid, inner_grid, extent_like)
+            q_tile, k_tile = (inner, outer) if kind == "dkdv" else (outer, inner)
+            w = plan.computed_pairs(kind, q_grid, kv_grid, extent, causal, q_tile, k_tile)
             key = (w, -outer[2], -inner[2])     # ties: wider rows (contiguous rows of the grid)
             if best is None or key < best[0]:
-                best = (key, outer, inner)
+                best = (key, q_tile, k_tile)
     return best[1], best[2]
-
-
-def _inverse_extent(q_grid, kv_grid, extent):
-    """Per axis, a radius in query units covering the queries that reach a key (for planning)."""
-    return tuple(-(-(e * q + q) // kv) for e, q, kv in zip(extent, q_grid, kv_grid))
 
 
 # ----------------------------------------------------------------------------- architectures
@@ -145,25 +134,26 @@ def device_arch(device) -> int:
 
 
 def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype,
-                 arch: int = 90) -> Dict[str, LaunchConfig]:
+                 arch: int = 90, causal: bool = False) -> Dict[str, LaunchConfig]:
     """Launch configs of the four kernels on ``arch`` (a capability such as 89, or a family);
     the report compiles exactly these.
 
     Rows per program, rows walked, warps and stages come from the family's
     LAUNCH_TABLES entry by dtype class and padded head dim (e.g. 64 x 64 at D <= 64
     in 16-bit on sm_90); the (t, h, w) shapes of those tiles from plan_tiles on the
-    actual grids.
+    actual grids and causal flag (the causal skips change which shapes are best).
     """
     q_grid, kv_grid, extent = tuple(q_grid), tuple(kv_grid), tuple(extent)
     block_d = block_d_for(D)
     table = LAUNCH_TABLES[arch_family(arch)]["fp32" if dtype == torch.float32 else "16bit"]
     out = {}
+    causal = bool(causal)
     for kind in ("fwd", "dq"):
         e = table[kind][block_d]
-        q_tile, k_tile = plan_tiles(q_grid, kv_grid, extent, e.outer, e.inner)
+        q_tile, k_tile = plan_tiles(kind, q_grid, kv_grid, extent, causal, e.outer, e.inner)
         out[kind] = LaunchConfig(kind, q_tile, k_tile, block_d, e.num_warps, e.num_stages)
     e = table["dkdv"][block_d]
-    k_tile, q_tile = plan_tiles(kv_grid, q_grid, _inverse_extent(q_grid, kv_grid, extent), e.outer, e.inner)
+    q_tile, k_tile = plan_tiles("dkdv", q_grid, kv_grid, extent, causal, e.outer, e.inner)
     out["dkdv"] = LaunchConfig("dkdv", q_tile, k_tile, block_d, e.num_warps, e.num_stages, e.split_dkdv)
     # delta is a streaming row sum: 2048 / block_d rows keep 16 values per thread
     # and tensor (64 rows at D=64 float32 spilled on sm_90).

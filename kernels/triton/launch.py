@@ -52,10 +52,10 @@ def needs_wide_index(q_grid, kv_grid, extent) -> bool:
     return any((n_kv + e) * n_q + n_kv > INT32_MAX for n_q, n_kv, e in zip(q_grid, kv_grid, extent))
 
 
-def _configs(q, k, extent, arch) -> dict:
+def _configs(q, k, extent, arch, causal=False) -> dict:
     check_index_range(q, k)
     return configs.pick_configs(tuple(q.shape[1:4]), tuple(k.shape[1:4]), extent, q.shape[-1], q.dtype,
-                                arch or configs.device_arch(q.device))
+                                arch or configs.device_arch(q.device), causal)
 
 
 def _even_d(cfg: LaunchConfig, D: int) -> bool:
@@ -79,7 +79,7 @@ def fwd_launch(q, k, v, out, lse, extent, causal, scale, arch=None):
     """Forward: grid (B * heads * query tiles,); see forward.fwd_kernel."""
     B, T, H, W, n_heads, D = q.shape
     T2, H2, W2 = k.shape[1:4]
-    cfg = _configs(q, k, extent, arch)["fwd"]
+    cfg = _configs(q, k, extent, arch, causal)["fwd"]
     grid = (B * n_heads * _n_tiles((T, H, W), cfg.q_tile),)
     args = [q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             T, H, W, T2, H2, W2, *extent, n_heads, D, scale * LOG2E]
@@ -102,7 +102,7 @@ def dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale, arch
     grid (B * heads * key tiles,)."""
     B, T, H, W, n_heads, D = q.shape
     T2, H2, W2 = k.shape[1:4]
-    cfg = _configs(q, k, extent, arch)["dkdv"]
+    cfg = _configs(q, k, extent, arch, causal)["dkdv"]
     grid = (B * n_heads * _n_tiles((T2, H2, W2), cfg.k_tile),)
     args = [q, k, v, dout, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
@@ -116,7 +116,7 @@ def dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale, arch=None):
     """dQ: grid (B * heads * query tiles,), as the forward."""
     B, T, H, W, n_heads, D = q.shape
     T2, H2, W2 = k.shape[1:4]
-    cfg = _configs(q, k, extent, arch)["dq"]
+    cfg = _configs(q, k, extent, arch, causal)["dq"]
     grid = (B * n_heads * _n_tiles((T, H, W), cfg.q_tile),)
     args = [q, k, v, dout, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),

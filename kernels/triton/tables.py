@@ -62,7 +62,9 @@ _T16_SM90 = {
 _T16_SM80 = {
     "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 32, 4, 3), 128: (64, 16, 4, 3),
             256: (64, 32, 8, 1)},
-    "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 3),
+    # dQ at 64: 64 x 64 spilled (255 registers, 16-40 B) with the exact planner's 1x8x8 /
+    # 1x8x8 tiles on nuwa-video; 64 x 32 needs 168.
+    "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 32, 4, 3), 128: (64, 32, 4, 3),
            256: (64, 32, 8, 2)},
     "dkdv": {16: (64, 32, 8, 3), 32: (64, 32, 8, 3), 64: (64, 32, 8, 3), 128: (32, 16, 4, 2),
              256: (64, 16, 8, 1, True)},
@@ -71,7 +73,8 @@ _T16_SM80 = {
 _T32_SM90 = {
     "fwd": {16: (32, 32, 4, 2), 32: (64, 32, 4, 2), 64: (32, 32, 4, 2), 128: (16, 16, 4, 1),
             256: (16, 16, 4, 1)},
-    "dq": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 4, 2),
+    # dQ at 128: 32 x 32 spilled 56 B with the exact planner's 2x2x8 / 1x8x4 tiles (gpu-large).
+    "dq": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 16, 4, 2),
            256: (16, 16, 4, 1)},
     "dkdv": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (32, 16, 4, 2), 128: (32, 16, 4, 2),
              256: (16, 16, 4, 1, True)},
@@ -92,9 +95,10 @@ _T32_SM80 = {
 # the dK/dV passes at 256.
 _T16_SM86 = _but(_T16_SM80, dq={256: (64, 32, 8, 1)})
 _T32_SM86 = _but(_T32_SM80, fwd={128: (32, 16, 8, 1)}, dkdv={256: (16, 16, 4, 1, True)})
-# sm_100 (tcgen05, 227 KiB): the sm_90 tiles compile without spills.
-_T16_SM100 = _but(_T16_SM90)
-_T32_SM100 = _but(_T32_SM90)
+# sm_100 (tcgen05, 227 KiB): the sm_90 tiles, but the 16-bit forward at 64 in 2 stages (3
+# spilled 8 B with the exact planner's 1x8x8 / 1x8x8 tiles on nuwa-video), and below.
+_T16_SM100 = _but(_T16_SM90, fwd={64: (64, 64, 4, 2)})
+_T32_SM100 = _but(_T32_SM90, dq={64: (32, 16, 4, 2)})   # 32 x 32: 16 B spilled on nuwa-video
 # sm_120 (mma.sync, 99 KiB): the sm_86 table; its Blackwell pipeline spilled the
 # 16-bit dQ at head dim 64 with 64 x 64 tiles (148 B) and the float32 forward at
 # 64 with 4 warps (52 B).
