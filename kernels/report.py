@@ -15,6 +15,10 @@ produced, ptxas from the Triton wheel, same flags as Triton's), shared memory
 matrix instructions the PTX uses (wgmma, tcgen05, mma.sync or none).
 The exit status is 1 if any config spills or exceeds its shared memory.
 
+``--perf`` prints the static performance model instead (kernels/perf.py: per
+workload, pass and architecture the computed and visible score pairs, useful %,
+bytes, and the predicted and roofline times; no compilation).
+
 Specialisation mirrors a real launch: arguments go through Triton's own
 ``native_specialize_impl`` with each parameter's do_not_specialize flags, on
 "meta" tensors with the workload's shapes (contiguous, 16-byte aligned).
@@ -174,7 +178,7 @@ def _rows(job) -> List[dict]:
     """Compile the launches of one (workload, D, dtype name, arch) for ``kernels``."""
     wl, D, dt_name, arch, kernels = job
     p, dt = PROBLEMS[wl], DTYPE_BY_NAME[dt_name]
-    cfgs = configs.pick_configs(p.q_grid, p.kv, p.resolved_extent, D, dt, arch)
+    cfgs = configs.pick_configs(p.q_grid, p.kv, p.resolved_extent, D, dt, arch, p.causal)
     rows = []
     for name, spec in launch_specs(wl, D, dt, arch).items():
         kind = name.split(":")[0]
@@ -235,7 +239,17 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="gpu-large at head dims 64 and 128, and long-axis")
     ap.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
+    ap.add_argument("--perf", action="store_true",
+                    help="the static performance model (kernels/perf.py) instead of compiling")
+    ap.add_argument("--sass", action="store_true",
+                    help="with --perf: compile each forward and count SASS instructions per MMA in its loop")
     a = ap.parse_args(argv)
+    if a.perf:
+        from nuwa3dna.kernels import perf
+        if a.json:
+            print(json.dumps(perf.perf_rows()))
+            return 0
+        return perf.main(sass=a.sass)
     kw = dict(workloads=("gpu-large",), head_dims=(64, 128)) if a.quick else {}
     if a.json:
         rows = report(jobs=a.jobs, **kw)

@@ -76,7 +76,7 @@ def test_report_uses_the_launch_configs(rows):
     for r in rows:
         p = PROBLEMS[r["workload"]]
         c = configs.pick_configs(p.q_grid, p.kv, p.resolved_extent, r["D"], dtypes[r["dtype"]],
-                                 int(r["arch"][3:]))[r["kernel"].split(":")[0]]
+                                 int(r["arch"][3:]), p.causal)[r["kernel"].split(":")[0]]
         assert (r["num_warps"], r["num_stages"]) == (c.num_warps, c.num_stages)
         if r["kernel"] != "preprocess":
             assert r["tiles"] == "x".join(map(str, c.q_tile)) + "/" + "x".join(map(str, c.k_tile))
@@ -99,3 +99,44 @@ def test_launch_tables_are_read_only():
         for dtype_class in ("16bit", "fp32"):
             for kernel in MATMUL_KERNELS:
                 assert sorted(table[dtype_class][kernel]) == [16, 32, 64, 128, 256], (family, kernel)
+
+
+def test_perf_model():
+    """``report --perf`` (kernels/perf.py): one row per (workload, pass, architecture); the
+    useful fractions of SPEC.md section 6 hold on the exact plan; the prediction (MMA work
+    of the computed pairs) is never below the roofline (useful work)."""
+    from nuwa3dna.kernels import perf
+    from nuwa3dna.problems import WORKLOADS
+
+    rows = perf.perf_rows()
+    assert {(r["workload"], r["pass_"], r["arch"]) for r in rows} == {
+        (w, p, a) for w in WORKLOADS for p in ("fwd", "bwd") for a in ("sm_90", "sm_80")}
+    by = {(r["workload"], r["pass_"], r["arch"]): r for r in rows}
+    assert by["nuwa-video", "fwd", "sm_90"]["useful"] >= 0.16
+    assert by["nuwa-image", "fwd", "sm_90"]["useful"] >= 0.11
+    for r in rows:
+        assert 0 < r["useful"] <= 1 and r["visible"] <= r["computed"]
+        assert r["predicted_us"] >= r["roofline_us"] > 0
+
+
+def test_perf_command():
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-m", "nuwa3dna.kernels.report", "--perf"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    head, *lines = res.stdout.strip().splitlines()
+    assert all(col in head for col in ("useful %", "predicted us", "roofline us", "computed", "visible"))
+    assert len(lines) == 6 * 2 * 2
+
+
+def test_sass_loop_of_the_forward():
+    """``report --perf --sass``: the gpu-large bf16 sm_90 forward loop, found in the SASS
+    (nvdisasm of the cubin), holds the 12 HGMMA of one iteration (Q K^T, and P V as
+    bf16 hi + lo: 3 x 4 k-steps of 16 at head dim 64)."""
+    code = ("import json; from nuwa3dna.kernels import perf\n"
+            "print(json.dumps(perf.sass_loop('gpu-large', 'fwd', 64)))\n")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads(res.stdout.strip().splitlines()[-1])
+    assert s["mma"] == 12 and s["instructions"] > s["mma"], s

@@ -1,0 +1,149 @@
+"""Static performance model of the Triton kernels: ``python -m nuwa3dna.kernels.report --perf``.
+
+One row per (workload, pass, architecture), without a GPU and without compiling:
+
+* ``computed``: score pairs the kernels compute (``triton.plan.computed_pairs``
+  on the launchers' tile plan: loop iterations x tile rows x tile columns,
+  padding and causal skips included), over every (batch, head);
+* ``visible``: pairs the 3DNA mask lets through; ``useful %`` = visible / computed;
+* ``MB``: bytes moved once from HBM (every input read once, every output written
+  once, float32 statistics included; K/V re-reads across tiles assumed to hit L2);
+* ``roofline us`` = max(MB / bandwidth, useful FLOPs / peak), useful FLOPs as
+  SPEC.md section 3 (4 D per visible pair forward, 2.5x that backward);
+* ``predicted us`` = max(MB / bandwidth, MMA FLOPs / peak): the tensor-core work
+  the kernels issue for the computed pairs (forward Q K^T and P V; dQ: Q K^T,
+  dO V^T, dS K; dK/dV: K Q^T, V dO^T, P^T dO, dS^T Q; the bf16 P and dS dots count
+  twice, hi + lo, ``jit.dot_acc``). It ignores instruction issue limits (issue 12
+  item 5), so it is a lower bound on the kernels' time, not an estimate of it.
+
+Peaks (dense bf16, per the vendors' data sheets): H100 SXM 3.35 TB/s, 989
+TFLOP/s; A100 SXM 2.04 TB/s, 312 TFLOP/s. Not measured here (no GPU):
+``gpu/acceptance.py`` times the kernels next to these predictions.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List
+
+import torch
+
+from nuwa3dna.kernels.problems import WORKLOADS, Problem
+from nuwa3dna.kernels.triton import configs
+from nuwa3dna.kernels.triton.plan import computed_pairs
+
+# (HBM bytes/s, dense 16-bit tensor FLOP/s) of the reference part of each family.
+PEAKS = {90: ("H100 SXM", 3.35e12, 989e12), 80: ("A100 SXM", 2.039e12, 312e12)}
+PASSES = ("fwd", "bwd")
+
+
+def _mma_flops_per_pair(kind: str, D: int, split: int) -> int:
+    """Tensor-core FLOPs per computed pair; ``split`` = 2 where P/dS enter as bf16 hi + lo."""
+    return {"fwd": 2 * D * (1 + split), "dq": 2 * D * (2 + split), "dkdv": 2 * D * (2 + 2 * split)}[kind]
+
+
+def workload_rows(p: Problem, arch: int = 90, dtype=torch.bfloat16) -> List[Dict]:
+    """The forward and backward rows of ``p`` on ``arch``'s reference part."""
+    part, bw, peak = PEAKS[arch]
+    ext, bh, D = p.resolved_extent, p.B * p.heads, p.D
+    cfgs = configs.pick_configs(p.q_grid, p.kv, ext, D, dtype, arch, p.causal)
+    split = 2 if dtype == torch.bfloat16 else 1
+    nq, nk = (p.B * p.heads * g[0] * g[1] * g[2] for g in (p.q_grid, p.kv))
+    es = torch.finfo(dtype).bits // 8
+    visible = bh * p.visible_pairs()
+    rows = []
+    for pas in PASSES:
+        kinds = ("fwd",) if pas == "fwd" else ("dq", "dkdv")
+        computed = {k: bh * computed_pairs(k, p.q_grid, p.kv, ext, p.causal, cfgs[k].q_tile, cfgs[k].k_tile)
+                    for k in kinds}
+        mma = sum(n * _mma_flops_per_pair(k, D, split) for k, n in computed.items())
+        if pas == "fwd":    # read q, k, v; write out and the log-sum-exp
+            nbytes = (nq + 2 * nk) * D * es + nq * D * es + nq * 4
+        else:               # read q, k, v, out, dout, lse; delta round trip; write dq, dk, dv
+            nbytes = (3 * nq + 2 * nk) * D * es + nq * 4 * 3 + (nq + 2 * nk) * D * es
+        useful = p.flops(backward=pas == "bwd") - (p.flops() if pas == "bwd" else 0)
+        mem_us = nbytes / bw * 1e6
+        rows.append(dict(
+            workload=p.name, pass_=pas, arch=f"sm_{arch}", part=part,
+            tiles=" ".join(f"{k}:{'x'.join(map(str, cfgs[k].q_tile))}/{'x'.join(map(str, cfgs[k].k_tile))}"
+                           for k in kinds),
+            computed=sum(computed.values()), visible=visible * len(kinds),
+            useful=visible * len(kinds) / sum(computed.values()), mb=nbytes / 1e6,
+            roofline_us=max(mem_us, useful / peak * 1e6), predicted_us=max(mem_us, mma / peak * 1e6)))
+    return rows
+
+
+def perf_rows(workloads=tuple(WORKLOADS), archs=(90, 80)) -> List[Dict]:
+    return [r for name in workloads for arch in archs for r in workload_rows(WORKLOADS[name], arch)]
+
+
+HEADER = (f"{'workload':<13}{'pass':<5}{'arch':<7}{'tiles':<40}{'computed':>13}{'visible':>13}"
+          f"{'useful %':>9}{'MB':>8}{'predicted us':>13}{'roofline us':>12}")
+
+
+def fmt(r: Dict) -> str:
+    return (f"{r['workload']:<13}{r['pass_']:<5}{r['arch']:<7}{r['tiles']:<40}{r['computed']:>13,}"
+            f"{r['visible']:>13,}{100 * r['useful']:>8.1f}%{r['mb']:>8.1f}{r['predicted_us']:>13.1f}"
+            f"{r['roofline_us']:>12.1f}")
+
+
+def predicted_ms(p: Problem, kind: str, arch: int = 90) -> float:
+    """Predicted time (ms) of ``kind`` "fwd" or "fwd+bwd" (gpu/acceptance.py's column)."""
+    rows = {r["pass_"]: r["predicted_us"] for r in workload_rows(p, arch)}
+    return (rows["fwd"] + (rows["bwd"] if kind != "fwd" else 0.0)) / 1e3
+
+
+MMA_OPS = ("HGMMA", "HMMA", "UTCHMMA", "UTCQMMA", "UTCOMMA")
+_INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def sass_loop(workload: str, kind: str = "fwd", D: int = 64, dtype=torch.bfloat16, arch: int = 90) -> Dict:
+    """SASS of the main loop of one kernel, compiled as the launcher would launch it
+    (kernels/report.py) and disassembled with the Triton wheel's nvdisasm: the loop is
+    the backward branch's body holding the most MMA instructions; returns its
+    instruction count, MMA count (HGMMA on sm_90, HMMA on sm_80/86/120) and their ratio."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from nuwa3dna.kernels import report
+    src, options = report._source(report.launch_specs(workload, D, dtype, arch)[kind])
+    cubin = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["cubin"]
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+    labels, instrs = {}, []
+    for line in text.splitlines():
+        m = re.match(r"^(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(instrs)
+        m = _INSTR.match(line)
+        if m:
+            instrs.append(m.group(2))
+    best = None
+    for end, ins in enumerate(instrs):
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", ins)
+        if m and labels.get(m.group(1), end + 1) <= end:
+            body = instrs[labels[m.group(1)]:end + 1]
+            mma = sum(any(op in i.split()[0] or (len(i.split()) > 1 and op in i.split()[1]) for op in MMA_OPS)
+                      for i in body)
+            if best is None or mma > best[1]:
+                best = (len(body), mma)
+    n, mma = best or (0, 0)
+    return dict(instructions=n, mma=mma, per_mma=n / mma if mma else float("nan"))
+
+
+def main(sass: bool = False) -> int:
+    print(HEADER + (f"{'instr/mma':>11}" if sass else ""))
+    for r in perf_rows():
+        extra = ""
+        if sass and r["pass_"] == "fwd":
+            s = sass_loop(r["workload"], "fwd", WORKLOADS[r["workload"]].D, torch.bfloat16, int(r["arch"][3:]))
+            extra = f"{s['per_mma']:>11.1f}"
+        print(fmt(r) + extra, flush=True)
+    return 0
