@@ -4,11 +4,11 @@ Why a process per case
 ----------------------
 The suite used to time every case inside the pytest process, one after the
 other. Peers leave state behind that slows whatever runs next: compiled
-FlexAttention (torch.compile / inductor) leaves its compile worker pool and an
-OpenMP thread team, plus its compile caches; the CPU tile path keeps its
-worker threads and scratch buffers (docs/design.md section 4); every big
-case leaves its freed heap to the allocator.
-On 2 shared cores those extra threads compete with the case being timed. The
+FlexAttention (torch.compile / inductor) leaves its compile worker pool and
+an OpenMP thread team, plus its compile caches (as reported before this
+change); the CPU tile path keeps its worker threads and scratch buffers
+(docs/design.md section 4); every big case leaves its freed heap to the
+allocator. On 2 shared cores those extra threads compete with the case being timed. The
 symptom was the cost growth cpu-mid-4x / cpu-mid: 5.41x inside the suite,
 4.47x for the same two calls in a fresh process. So every case -- the peers
 and ours alike, for fairness -- now runs in its own ``python -m
@@ -19,15 +19,16 @@ on-disk inductor cache still makes FlexAttention's warm-up compile faster
 after the first process, but the warm-up is never timed.
 
 OpenMP spin policy. Every case runs with ``OMP_WAIT_POLICY=PASSIVE`` (unless
-the caller's environment sets it). Isolation exposed why: libgomp's default
-lets a thread that waits at a barrier spin first, and on 2 cores shared with
-other jobs the spinning thread holds the core its partner needs. In a fresh
-process dense SDPA at model-text (fwd) took 8.0 ms; the same call after one
-call of our tile path in that process, or with PASSIVE from the start, 0.55
-ms (nuwa-image: 116-128 ms vs 13-30 ms). Starting our worker pool gives the
-process more OpenMP threads than cores, which makes libgomp throttle its
-spinning for everything after it. So in the old single-process suite
-whichever case ran first decided the spin policy of the rest, and with
+the caller's environment sets it). Isolation exposed why (benchmarks/NOTES.md,
+"Isolated cases"): in a fresh process dense SDPA at model-text (fwd) took
+8-16 ms; the same call after one call of our tile path in that process
+0.5-0.8 ms, and with PASSIVE from the start 0.6-1.7 ms (nuwa-image: 116-248
+ms vs 13-30 ms). Likely cause: libgomp lets a thread waiting at a barrier
+spin first, and on 2 cores shared with other jobs the spinning thread holds
+the core its partner needs; starting our worker pool gives the process more
+OpenMP threads than cores, so libgomp throttles its spinning for everything
+after it. So in the old single-process suite whichever case ran first
+decided the spin policy of the rest, and with
 isolation alone every dense/Flex row would pay the spin penalty that our path
 (single-threaded ops on its own workers) avoids, inflating our ratios. PASSIVE
 gives every process the same policy; our path's own time did not move with it
@@ -53,9 +54,9 @@ is ignored unless the process fails. Spec keys:
   round by round with the case's own backend (order rotated each round), so
   they see the same load; used for ``auto`` against the single backends it
   chooses between (``auto / best, paired``). Consecutive processes on this
-  shared machine differ by up to ~2x (other jobs, and the tile path sizes its
-  worker pool by the load average), far more than the 5% that question needs;
-  interleaving in one process cancels that. Those are all our own API paths
+  shared machine differed by up to 2.6x for the same code (other jobs, and
+  the tile path sizes its worker pool by the load average), far more than
+  the 5% that question needs; interleaving in one process cancels that. Those are all our own API paths
   (no compiler threads), so the pairing does not undo the isolation from peers.
 
 The parent (benchmarks/test_bench_attention.py) calls :func:`run_case` and
