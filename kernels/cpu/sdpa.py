@@ -20,7 +20,7 @@ import math
 import torch
 
 from nuwa3dna.kernels.cpu.planner import MASKS, CpuConfig
-from nuwa3dna.kernels.cpu.workers import in_worker, run, split, worker_count
+from nuwa3dna.kernels.cpu.workers import in_worker, run, worker_count
 from nuwa3dna.kernels.geometry import count_visible, grid_coords, visible
 from nuwa3dna.kernels.windows import Options
 
@@ -52,9 +52,32 @@ def _mask(q_grid, kv_grid, extent, causal, dtype, limit: int, opts: Options = PL
     return MASKS.get(key, make, limit)
 
 
+SMALL_WORK = 1 << 22     # B*heads*Nq*Nk*D multiply-adds; ~2 ms on one core
+
+
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
-    """(B, T, H, W, heads, *rest) -> a (B, heads, N, *rest) view."""
+    """(B, T, H, W, heads, *rest) -> (B, heads, N, *rest), a view when it can be; head dims
+    (the last axis of 6-dim inputs) made unit-stride, which the kernel assumes."""
+    if x.dim() == 6 and x.stride(-1) != 1:
+        x = x.contiguous()
     return x.flatten(1, 3).movedim(2, 1)
+
+
+def _blocks(B: int, heads: int, workers: int, work: int):
+    """(b0, b1, h0, h1) blocks covering (B, heads): batch ranges, or head ranges per batch
+    entry when there are fewer batch entries than workers. Below ``SMALL_WORK`` multiply-adds
+    one block: a second worker's hand-off costs more than it saves there."""
+    if work < SMALL_WORK:
+        return [(0, B, 0, heads)]
+    if B >= workers:
+        return [(b0, b1, 0, heads) for b0, b1 in _ranges(B, workers)]
+    per = -(-workers // B)
+    return [(b, b + 1, h0, h1) for b in range(B) for h0, h1 in _ranges(heads, per)]
+
+
+def _ranges(n: int, parts: int):
+    cuts = [n * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
 def _run_on_workers(body, q, config: CpuConfig):
@@ -77,17 +100,18 @@ def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig, opts
         lse = torch.empty(q.shape[:5], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                           device=q.device)
         outh, lseh = _heads_first(out), _heads_first(lse)                  # [B, heads, N, D], [B, heads, N]
-        # Split by (batch, head) only: the kernel's blocking depends on the number of
-        # query rows, so splitting rows would make results depend on the worker count.
-        items = [(b, h) for b in range(B) for h in range(heads)]
+        # One kernel call per block of (batch, head): few calls (a call costs ~0.1 ms of
+        # set-up at the model's sizes), as many blocks as workers. Rows are never split:
+        # the kernel's blocking depends on the number of query rows, so results would
+        # then depend on the worker count.
 
         def work(part):
-            for b, h in part:
-                one = [x[b:b + 1, h:h + 1].contiguous() for x in (qh, kh, vh)]   # the kernel reads dense rows
-                o, l = _FLASH(*one, 0.0, False, attn_mask=mask, scale=scale)
-                outh[b, h].copy_(o[0, 0])
-                lseh[b, h].copy_(l[0, 0])
-        run(work, split(items, config.parts_per_worker * workers), workers)
+            for b0, b1, h0, h1 in part:
+                o, l = _FLASH(qh[b0:b1, h0:h1], kh[b0:b1, h0:h1], vh[b0:b1, h0:h1], 0.0, False,
+                              attn_mask=mask, scale=scale)
+                outh[b0:b1, h0:h1].copy_(o)
+                lseh[b0:b1, h0:h1].copy_(l)
+        run(work, [[blk] for blk in _blocks(B, heads, workers, B * heads * mask.numel() * D)], workers)
         return out, lse
     return _run_on_workers(body, q, config)
 
@@ -102,14 +126,14 @@ def backward(dout, q, k, v, out, lse, extent, causal: bool, scale: float, config
         ins = [_heads_first(x) for x in (dout, q, k, v, out)]
         lseh = _heads_first(lse).to(torch.float32 if q.dtype != torch.float64 else torch.float64)
         outs = [_heads_first(g) for g in grads]
-        items = [(b, h) for b in range(q.shape[0]) for h in range(q.shape[4])]
 
         def work(part):
-            for b, h in part:
-                one = [x[b:b + 1, h:h + 1].contiguous() for x in ins]
-                res = _FLASH_BWD(*one, lseh[b:b + 1, h:h + 1], 0.0, False, attn_mask=mask, scale=scale)
+            for b0, b1, h0, h1 in part:
+                res = _FLASH_BWD(*[x[b0:b1, h0:h1] for x in ins], lseh[b0:b1, h0:h1], 0.0, False,
+                                 attn_mask=mask, scale=scale)
                 for dst, src in zip(outs, res):
-                    dst[b, h].copy_(src[0, 0])
-        run(work, split(items, config.parts_per_worker * workers), workers)
+                    dst[b0:b1, h0:h1].copy_(src)
+        B, heads = q.shape[0], q.shape[4]
+        run(work, [[blk] for blk in _blocks(B, heads, workers, B * heads * mask.numel() * q.shape[-1])], workers)
         return tuple(grads)
     return _run_on_workers(body, q, config)
