@@ -36,3 +36,30 @@ def app_config():
                 vq_codebook_dim=8, sketch_hidden=8, sketch_codebook_size=16, sketch_codebook_dim=8,
                 v2v_given_frames=2)
     return lambda **overrides: NuwaConfig(**{**base, **overrides})
+
+
+# 16-row tiles: many tiles per axis, so the causal skips and edges are exercised.
+SMALL_TILES = {
+    "fwd": ((2, 2, 4), (1, 2, 8)), "dq": ((1, 4, 4), (1, 4, 4)), "dkdv": ((1, 2, 8), (2, 2, 4)),
+}
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Call with True to make the Triton launchers use 16-row tiles (SMALL_TILES), so every
+    axis has several tiles: loop bounds, causal skips and the query-range inversion run."""
+    def force(on: bool = True):
+        if not on:
+            return
+        import dataclasses
+
+        from nuwa3dna.kernels.triton import configs
+        real = configs.pick_configs
+
+        def small(*args, **kwargs):
+            cfgs = dict(real(*args, **kwargs))
+            for kind, (qt, kt) in SMALL_TILES.items():
+                cfgs[kind] = dataclasses.replace(cfgs[kind], q_tile=qt, k_tile=kt)
+            return cfgs
+        monkeypatch.setattr(configs, "pick_configs", small)
+    return force

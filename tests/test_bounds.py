@@ -25,15 +25,11 @@ from nuwa3dna.problems import TEST_PROBLEMS, Problem
 
 pytestmark = pytest.mark.skipif(not interpreter_enabled(), reason="the checker runs under the Triton interpreter")
 
-from nuwa3dna.kernels.triton import configs  # noqa: E402  (after the interpreter is on)
 from nuwa3dna.kernels.triton.bounds import BoundsChecker, element_addresses  # noqa: E402
 from nuwa3dna.kernels.triton.launch import backward, forward  # noqa: E402
 
 KERNELS = {"fwd_kernel", "bwd_preprocess_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel"}
 BY_ID = {p.id: p for p in TEST_PROBLEMS}
-SMALL_TILES = {
-    "fwd": ((2, 2, 4), (1, 2, 8)), "dq": ((1, 4, 4), (1, 4, 4)), "dkdv": ((1, 2, 8), (2, 2, 4)),
-}
 CASES = [  # (problem, dtype, small tiles)
     (BY_ID["B2-T3H5W7-h2-d24-e1x2x2"], torch.float32, False),
     (BY_ID["B2-T3H5W7-h2-d24-e1x2x2-causal"], torch.float32, True),
@@ -52,23 +48,6 @@ def bounds():
     with BoundsChecker() as chk:
         yield chk
     chk.assert_clean()
-
-
-@pytest.fixture
-def small_tiles(monkeypatch):
-    """Call with True to force 16-row tiles (several tiles on every axis)."""
-    def force(on: bool):
-        if not on:
-            return
-        real = configs.pick_configs
-
-        def small(*args, **kwargs):
-            cfgs = dict(real(*args, **kwargs))
-            for kind, (qt, kt) in SMALL_TILES.items():
-                cfgs[kind] = dataclasses.replace(cfgs[kind], q_tile=qt, k_tile=kt)
-            return cfgs
-        monkeypatch.setattr(configs, "pick_configs", small)
-    return force
 
 
 def _shrink(p: Problem) -> Problem:

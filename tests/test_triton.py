@@ -16,7 +16,6 @@ compiles them), bf16 ``tl.dot`` itself (the interpreter path upcasts bf16 tiles,
 see UPCAST_DOT), and sizes beyond a few hundred tokens (the interpreter runs
 one program at a time).
 """
-import dataclasses
 
 import pytest
 import torch
@@ -219,25 +218,12 @@ def test_poisoned_buffers_fully_written(gen):
         assert _max_err(o, r) <= 1e-5
 
 
-SMALL_TILES = {  # 16-row tiles: many tiles per axis, so the causal skips and edges are exercised
-    "fwd": ((2, 2, 4), (1, 2, 8)), "dq": ((1, 4, 4), (1, 4, 4)), "dkdv": ((1, 2, 8), (2, 2, 4)),
-}
-
-
 @pytest.mark.parametrize("p", [TEST_PROBLEMS[i] for i in (1, 5, 6)], ids=lambda p: p.id)
-def test_small_tiles(p, gen, monkeypatch):
+def test_small_tiles(p, gen, small_tiles):
     """Force 16-row tiles (2x2x4 etc.) so every axis has several tiles: the loop bounds,
     the causal tile skipping (forward tail, dK/dV head) and the query-range inversion
     are all exercised, not just one tile covering the grid."""
-    real = configs.pick_configs
-
-    def small(*args, **kwargs):
-        cfgs = dict(real(*args, **kwargs))
-        for kind, (qt, kt) in SMALL_TILES.items():
-            cfgs[kind] = dataclasses.replace(cfgs[kind], q_tile=qt, k_tile=kt)
-        return cfgs
-
-    monkeypatch.setattr(configs, "pick_configs", small)
+    small_tiles()
     _check(p, torch.float32, gen)
 
 
