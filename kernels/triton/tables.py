@@ -103,7 +103,7 @@ _T32_SM100 = _but(_T32_SM90, dq={64: (32, 16, 4, 2)})   # 32 x 32: 16 B spilled 
 # 16-bit dQ at head dim 64 with 64 x 64 tiles (148 B) and the float32 forward at
 # 64 with 4 warps (52 B).
 _T16_SM120 = _but(_T16_SM86, dq={64: (64, 32, 4, 3)})
-_T32_SM120 = _but(_T32_SM86, fwd={64: (64, 16, 8, 2)})
+_T32_SM120 = _but(_T32_SM86, fwd={16: (64, 16, 4, 2), 64: (64, 16, 8, 2)})   # 16: 8 B spilled at 64 x 32
 
 LAUNCH_TABLES: Mapping[int, Mapping[str, Mapping[str, Mapping[int, Entry]]]] = _freeze({
     80: {"16bit": _T16_SM80, "fp32": _T32_SM80},
