@@ -65,7 +65,9 @@ def measure(p: Problem, reps: int = 7):
 
 def main():
     import sys
+    from benchmarks.workloads import MODEL_WORKLOADS
     probs = _model_problems() + [WORKLOADS[n] for n in ("nuwa-image", "nuwa-video", "cross-sketch", "cpu-mid")]
+    probs += list(MODEL_WORKLOADS.values())     # the suite's model-size rows (batch 8): "model-"
     if len(sys.argv) > 1:                        # e.g. "mid": only problems whose id contains it
         probs = [p for p in probs if any(a in p.id for a in sys.argv[1:])]
     print(f"torch threads {torch.get_num_threads()}")
