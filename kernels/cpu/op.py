@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from nuwa3dna.kernels.autograd import _no_double_backward, contiguous_like
+from nuwa3dna.kernels.autograd import contiguous_like, wire
 from nuwa3dna.kernels.cpu import planner, sdpa
 from nuwa3dna.kernels.cpu.backward import backward
 from nuwa3dna.kernels.cpu.forward import forward
@@ -62,29 +62,7 @@ def torch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     return impl(dout, q, k, v, out, lse, tuple(extent), causal, scale, config, opts)
 
 
-@torch_bwd.register_fake
-def _(dout, q, k, v, out, lse, extent, causal, scale, window=None):
-    return contiguous_like(q), contiguous_like(k), contiguous_like(v)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, extent, causal, scale = inputs[:6]
-    window = inputs[6] if len(inputs) > 6 else None
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = (list(extent), bool(causal), float(scale), None if window is None else list(window))
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch_bwd(dout, q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None
-
-
-# ``kernels.autograd.wire``'s wiring, with the ``window`` argument carried to the backward.
-torch_fwd.register_autograd(_backward, setup_context=_setup_context)
-torch_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+wire(torch_fwd, torch_bwd)
 
 
 def torch_attention(q: Tensor, k: Tensor, v: Tensor, extent, causal: bool, scale: float,
