@@ -18,6 +18,7 @@ from nuwa3dna.kernels.cpu.forward import forward
 from nuwa3dna.kernels.cpu.layout import relay, unrelay
 from nuwa3dna.kernels.cpu.planner import CpuConfig
 from nuwa3dna.kernels.problems import TEST_PROBLEMS, WINDOW_PROBLEMS, Problem
+from nuwa3dna.kernels import windows
 from nuwa3dna.kernels.windows import Options
 from nuwa3dna.reference import dense_nearby_attention
 
@@ -95,10 +96,16 @@ def test_options_tile_shapes(p, tiles, gen):
 
 
 def test_plain_plan_unchanged():
-    """Options at their defaults: the plan is today's (runs = the non-empty qframes, in order)."""
+    """Options at their defaults: the plan is today's: one run per key frame, exactly the query
+    frames whose window (and raster causality) reaches it, key frames in order."""
     for p in TEST_PROBLEMS:
         g = planner.geometry(p.q_grid, p.kv, p.resolved_extent, p.causal is True, 2, 3)
-        assert g.runs == tuple((a, t0, t1) for a, (t0, t1) in enumerate(g.qframes) if t1 > t0)
+        sees = windows.axis_mask(p.q_grid[0], p.kv[0], **Options().axis(0, p.resolved_extent))
+        if p.causal is True:
+            sees &= torch.ones_like(sees).tril()
+        expect = [(a, int(col.nonzero().min()), int(col.nonzero().max()) + 1)
+                  for a, col in enumerate(sees.T) if col.any()]
+        assert list(g.runs) == expect
         assert g == planner.geometry(p.q_grid, p.kv, p.resolved_extent, p.causal is True, 2, 3, Options())
 
 

@@ -20,7 +20,7 @@ import torch
 
 from nuwa3dna.kernels.cpu.layout import relay, strips_kv, tile_rows, unrelay, untile_rows
 from nuwa3dna.kernels.cpu.planner import PLAIN, CpuConfig, Geometry, plan, window_bias
-from nuwa3dna.kernels.cpu.workers import in_worker, run, split, worker_count
+from nuwa3dna.kernels.cpu.workers import on_lead, run, split
 from nuwa3dna.kernels.cpu.workspace import Workspace, workspace
 from nuwa3dna.kernels.windows import Options
 
@@ -102,18 +102,15 @@ def add_window_bias(s: torch.Tensor, bias: torch.Tensor, j: int, own_frame_first
 
 
 def guarded(body, q, k, extent, causal: bool, config: CpuConfig, opts: Options = PLAIN):
-    """Run ``body(call)`` for one forward or backward: on the lead worker (``in_worker``),
-    outside inference mode and autograd, trimming the workspace afterwards."""
-    workers = worker_count(q.device, config.max_workers)
-
-    def lead():
-        with torch.inference_mode(False), torch.no_grad():
-            c = setup(q, k, extent, causal, config, workers, opts)
-            try:
-                return body(c)
-            finally:
-                c.ws.trim(config.workspace_limit)
-    return in_worker(lead, workers)
+    """Run ``body(call)`` for one forward or backward on the lead worker (``workers.on_lead``),
+    trimming the workspace afterwards."""
+    def run_call(workers):
+        c = setup(q, k, extent, causal, config, workers, opts)
+        try:
+            return body(c)
+        finally:
+            c.ws.trim(config.workspace_limit)
+    return on_lead(run_call, q.device, config.max_workers)
 
 
 def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig, opts: Options = PLAIN):

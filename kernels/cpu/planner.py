@@ -180,12 +180,11 @@ class Geometry:
     h2p: int            # padded key rows
     row_start: Tuple[int, ...]    # per row tile, first halo row in padded rows
     col_start: Tuple[int, ...]    # per strip, first key column (may be < 0)
-    qframes: Tuple[Tuple[int, int], ...]  # per key frame, query frames [t0, t1) that see it (their hull)
-    runs: Tuple[Tuple[int, int, int], ...] = ()   # (key frame a, t0, t1): contiguous query frames seeing a,
-                                                  # key frames in order (the loops' steps)
+    runs: Tuple[Tuple[int, int, int], ...]    # (key frame a, t0, t1): contiguous query frames seeing a,
+                                              # key frames in order (the loops' steps)
     # Residue re-layout of dilated axes (``axis_perms``; () = identity): new index -> original,
     # for query rows, key rows, query columns, key columns, query frames, key frames. Rows,
-    # columns, halos, masks, qframes and runs above are in the re-laid coordinates.
+    # columns, halos, masks and runs above are in the re-laid coordinates.
     perms: Tuple[Tuple[int, ...], ...] = ((), (), (), (), (), ())
 
     @property
@@ -217,15 +216,15 @@ def geometry(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, bh: int, b
     cols = [centre_int(s * bw, W, W2) - ew for s in range(ns)]
     pad_top = max(0, -min(rows))
     h2p = max(pad_top + H2, max(rows) + pad_top + lh)
-    qframes = []
+    runs = []
     for a in range(T2):
         t0, t1 = query_range(a, a + 1, T, T2, et)
         if causal:
             t0 = max(t0, a)
-        qframes.append((t0, t1) if t0 < t1 else (0, 0))
-    runs = tuple((a, t0, t1) for a, (t0, t1) in enumerate(qframes) if t1 > t0)
+        if t0 < t1:
+            runs.append((a, t0, t1))
     return Geometry(bh, bw, nht, ns, lh, lw, pad_top, h2p,
-                    tuple(r + pad_top for r in rows), tuple(cols), tuple(qframes), runs)
+                    tuple(r + pad_top for r in rows), tuple(cols), tuple(runs))
 
 
 def _geometry_general(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, bh: int, bw: int,
@@ -242,10 +241,9 @@ def _geometry_general(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, b
     qt, kt = axis_perms(T, T2, opts.dilation[0])               # dilated frames: runs of one residue
     if qt:                                                     # (self-attention: qt == kt, so t == a
         sees = sees[list(qt)][:, list(kt)]                     # still marks the query's own frame)
-    qframes, runs = [], []
+    runs = []
     for a in range(T2):
         ts = torch.nonzero(sees[:, a]).flatten().tolist()
-        qframes.append((ts[0], ts[-1] + 1) if ts else (0, 0))
         t0 = None
         for i, t in enumerate(ts):
             if t0 is None:
@@ -254,8 +252,7 @@ def _geometry_general(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, b
                 runs.append((a, t0, t + 1))
                 t0 = None
     perms = axis_perms(H, H2, opts.dilation[1]) + axis_perms(W, W2, opts.dilation[2]) + (qt, kt)
-    return Geometry(bh, bw, nht, ns, lh, lw, 0, h2p, tuple(rows), tuple(cols), tuple(qframes), tuple(runs),
-                    perms)
+    return Geometry(bh, bw, nht, ns, lh, lw, 0, h2p, tuple(rows), tuple(cols), tuple(runs), perms)
 
 
 def plan(q_grid: Grid, kv_grid: Grid, extent: Grid, causal: bool, config: CpuConfig,

@@ -20,7 +20,7 @@ import math
 import torch
 
 from nuwa3dna.kernels.cpu.planner import MASKS, CpuConfig
-from nuwa3dna.kernels.cpu.workers import in_worker, run, worker_count
+from nuwa3dna.kernels.cpu.workers import on_lead, run
 from nuwa3dna.kernels.geometry import count_visible, grid_coords, visible
 from nuwa3dna.kernels.windows import Options
 
@@ -80,15 +80,6 @@ def _ranges(n: int, parts: int):
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def _run_on_workers(body, q, config: CpuConfig):
-    workers = worker_count(q.device, config.max_workers)
-
-    def lead():
-        with torch.inference_mode(False), torch.no_grad():
-            return body(workers)
-    return in_worker(lead, workers)
-
-
 def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig, opts: Options = PLAIN):
     """(out like q, lse (B, T, H, W, heads) float32/64): the fused kernel, split over workers."""
     def body(workers):
@@ -113,7 +104,7 @@ def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig, opts
                 lseh[b0:b1, h0:h1].copy_(l)
         run(work, [[blk] for blk in _blocks(B, heads, workers, B * heads * mask.numel() * D)], workers)
         return out, lse
-    return _run_on_workers(body, q, config)
+    return on_lead(body, q.device, config.max_workers)
 
 
 def backward(dout, q, k, v, out, lse, extent, causal: bool, scale: float, config: CpuConfig,
@@ -136,4 +127,4 @@ def backward(dout, q, k, v, out, lse, extent, causal: bool, scale: float, config
         B, heads = q.shape[0], q.shape[4]
         run(work, [[blk] for blk in _blocks(B, heads, workers, B * heads * mask.numel() * q.shape[-1])], workers)
         return tuple(grads)
-    return _run_on_workers(body, q, config)
+    return on_lead(body, q.device, config.max_workers)

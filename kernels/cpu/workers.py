@@ -126,6 +126,17 @@ def in_worker(fn: Callable, workers: int):
     return value
 
 
+def on_lead(body: Callable[[int], object], device: torch.device, max_workers: Optional[int]):
+    """``body(workers)`` for one forward or backward call: on the lead worker (``in_worker``),
+    outside inference mode (buffers made there stay usable later) and outside autograd."""
+    workers = worker_count(device, max_workers)
+
+    def lead():
+        with torch.inference_mode(False), torch.no_grad():
+            return body(workers)
+    return in_worker(lead, workers)
+
+
 class _Helpers:
     """Helper jobs of one ``run``: a job that starts after the lead has finished does
     nothing, so the lead waits only for jobs that started (no deadlock when every
