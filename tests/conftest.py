@@ -63,3 +63,18 @@ def small_tiles(monkeypatch):
             return cfgs
         monkeypatch.setattr(configs, "pick_configs", small)
     return force
+
+
+# The CPU backend's two strategies, forced through its frozen default config.
+CPU_STRATEGIES = {"tiles": dict(fused_max_scores=0, fused_max_scores_wide=0),
+                  "fused": dict(fused_max_scores=1 << 40)}
+
+
+@pytest.fixture(params=list(CPU_STRATEGIES))
+def strategy(request, monkeypatch):
+    """Run the test with the CPU backend forced to one strategy (tile loops or fused kernel)."""
+    import dataclasses
+
+    from nuwa3dna.kernels.cpu import planner
+    monkeypatch.setattr(planner, "DEFAULT", dataclasses.replace(planner.DEFAULT, **CPU_STRATEGIES[request.param]))
+    return request.param

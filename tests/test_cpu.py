@@ -2,20 +2,18 @@
 
 Both strategies of the backend (the tile loops and the fused flash kernel with
 the window mask, chosen per problem by ``sdpa.use_sdpa``) are forced in turn
-by the ``strategy`` fixture, which swaps the backend's frozen default config.
+by the ``strategy`` fixture (tests/conftest.py), which swaps the backend's frozen default config.
 Forward and dq/dk/dv on every TEST_PROBLEM in float32; float16/bfloat16 under
 the FlashAttention rule with peaky logits across head dims; float64 gradcheck;
 the gradients autograd really hands over (stride-0 and non-contiguous dO);
 odd tile shapes and worker counts through the backend's own entry points with
 a ``CpuConfig``. Speed is measured in benchmarks/, never here.
 """
-import dataclasses
 
 import pytest
 import torch
 
 from nuwa3dna import NearbyAttention3D, nearby_attention
-from nuwa3dna.kernels.cpu import planner
 from nuwa3dna.kernels.cpu.backward import backward
 from nuwa3dna.kernels.cpu.forward import forward
 from nuwa3dna.kernels.cpu.planner import CpuConfig
@@ -23,16 +21,6 @@ from nuwa3dna.problems import TEST_PROBLEMS, WORKLOADS, Problem
 from nuwa3dna.reference import dense_nearby_attention
 
 IDS = [p.id for p in TEST_PROBLEMS]
-STRATEGIES = {"tiles": dict(fused_max_scores=0, fused_max_scores_wide=0),
-              "fused": dict(fused_max_scores=1 << 40)}
-
-
-@pytest.fixture(params=list(STRATEGIES))
-def strategy(request, monkeypatch):
-    """Run the test with the CPU backend forced to one strategy."""
-    monkeypatch.setattr(planner, "DEFAULT", dataclasses.replace(planner.DEFAULT, **STRATEGIES[request.param]))
-    return request.param
-
 
 def _ours(p, scale=None):
     return lambda q, k, v: nearby_attention(q, k, v, p.extent, causal=p.causal, scale=scale, backend="torch")

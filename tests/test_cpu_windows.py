@@ -6,7 +6,6 @@ three gradients, in both strategies of the backend (the ``strategy`` fixture of
 tests/test_cpu.py); fp64 gradcheck; the tile loops with forced odd tile shapes
 through the backend's own entry points.
 """
-import dataclasses
 
 import pytest
 import torch
@@ -22,9 +21,6 @@ from nuwa3dna.kernels import windows
 from nuwa3dna.kernels.windows import Options
 from nuwa3dna.reference import dense_nearby_attention
 
-STRATEGIES = {"tiles": dict(fused_max_scores=0, fused_max_scores_wide=0),
-              "fused": dict(fused_max_scores=1 << 40)}
-
 # WINDOW_PROBLEMS never dilate or stride the frame axis; these do (and mix the rest).
 EXTRA = [
     Problem(1, (5, 4, 6), 2, 8, (1, 1, 1), dilation=(2, 1, 2), stride=(2, 1, 1)),
@@ -35,12 +31,6 @@ EXTRA = [
     Problem(1, (3, 11, 7), 1, 8, (1, 2, 1), causal=(False, True, True), dilation=(1, 2, 2), border="shift"),
 ]
 PROBLEMS = WINDOW_PROBLEMS + EXTRA
-
-
-@pytest.fixture(params=list(STRATEGIES))
-def strategy(request, monkeypatch):
-    monkeypatch.setattr(planner, "DEFAULT", dataclasses.replace(planner.DEFAULT, **STRATEGIES[request.param]))
-    return request.param
 
 
 def _run(fn, q, k, v, dout):
