@@ -16,6 +16,7 @@ input dtype (cached), no (B x heads x Nq x Nk) tensor. Any v2 window option
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -32,13 +33,18 @@ _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 def use_sdpa(q_grid, kv_grid, extent, causal: bool, config: CpuConfig, opts: Options = PLAIN) -> bool:
     """True where the fused kernel is the faster strategy (measured crossover, see module doc).
-    ``opts``: the v2 window options (docs/design.md section 7), counted exactly."""
+    ``opts``: the v2 window options (docs/design.md section 7), counted exactly. Cached: auto's
+    choice, the forward and the backward of one call all ask."""
+    return _use_sdpa(tuple(q_grid), tuple(kv_grid), tuple(extent), bool(causal), config, opts)
+
+
+@lru_cache(maxsize=256)
+def _use_sdpa(q_grid, kv_grid, extent, causal: bool, config: CpuConfig, opts: Options) -> bool:
     scores = math.prod(q_grid) * math.prod(kv_grid)
     if scores <= config.fused_max_scores:
         return True
     return scores <= config.fused_max_scores_wide and count_visible(
-        tuple(q_grid), tuple(kv_grid), tuple(extent), opts.causal(causal),
-        **opts.kwargs()) >= config.fused_wide_fraction * scores
+        q_grid, kv_grid, extent, opts.causal(causal), **opts.kwargs()) >= config.fused_wide_fraction * scores
 
 
 def _mask(q_grid, kv_grid, extent, causal, dtype, limit: int, opts: Options = PLAIN) -> torch.Tensor:
