@@ -62,7 +62,7 @@ def windowed_attention(q, k, v, extent, causal=False, scale=None, backend="auto"
     # backend takes them as ``Options`` (raster causality stays the bool ``causal``).
     if backend == "triton":
         from nuwa3dna.kernels.triton.op import triton_attention
-        return triton_attention(q, k, v, resolved, causal, scale)
+        return triton_attention(q, k, v, resolved, causal, scale)[0]
     opts = Options.of(causal, dilation, stride, border,
                       None if after is None else resolve_extent(after, tuple(k.shape[1:4])))
-    return torch_attention(q, k, v, resolved, causal is True, scale, opts)
+    return torch_attention(q, k, v, resolved, causal is True, scale, opts)[0]

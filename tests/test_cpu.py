@@ -122,7 +122,7 @@ def test_module_backend_torch_matches_dense(gen, strategy):
 def _direct(p, q, k, v, dout, config):
     scale = p.D ** -0.5
     out, lse = forward(q, k, v, p.resolved_extent, p.causal, scale, config)
-    return (out, *backward(dout, q, k, v, out, lse, p.resolved_extent, p.causal, scale, config))
+    return (out, *backward(dout, None, q, k, v, out, lse, p.resolved_extent, p.causal, scale, config))
 
 
 @pytest.mark.parametrize("tiles", [(1, 1), (2, 3), (3, 2), (16, 16)])

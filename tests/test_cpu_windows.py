@@ -69,7 +69,7 @@ def _direct(p, q, k, v, dout, config):
     opts = Options.of(p.causal, **p.options)
     scale, extent, raster = p.D ** -0.5, p.resolved_extent, p.causal is True
     out, lse = forward(q, k, v, extent, raster, scale, config, opts)
-    return (out, *backward(dout, q, k, v, out, lse, extent, raster, scale, config, opts))
+    return (out, *backward(dout, None, q, k, v, out, lse, extent, raster, scale, config, opts))
 
 
 @pytest.mark.parametrize("tiles", [(1, 1), (2, 3), (3, 2), (16, 16)])

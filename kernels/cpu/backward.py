@@ -18,19 +18,22 @@ from nuwa3dna.kernels.windows import Options
 from nuwa3dna.kernels.cpu.workers import run, split
 
 
-def backward(dout, q, k, v, out, lse, extent, causal: bool, scale: float, config: CpuConfig,
+def backward(dout, dlse, q, k, v, out, lse, extent, causal: bool, scale: float, config: CpuConfig,
              opts: Options = PLAIN):
-    """Returns (dq, dk, dv) in the inputs' dtypes. Unchecked. ``opts`` as in ``forward``."""
-    return guarded(lambda c: _backward(dout, q, k, v, out, lse, causal, scale, c, config),
+    """Returns (dq, dk, dv) in the inputs' dtypes. Unchecked. ``opts`` as in ``forward``;
+    ``dlse``: the gradient of the returned log-sum-exp, or None."""
+    return guarded(lambda c: _backward(dout, dlse, q, k, v, out, lse, causal, scale, c, config),
                    q, k, extent, causal, config, opts)
 
 
-def _backward(dout, q, k, v, out, lse, causal, scale, c: Call, config: CpuConfig):
+def _backward(dout, dlse, q, k, v, out, lse, causal, scale, c: Call, config: CpuConfig):
     g, acc, ws = c.g, c.acc, c.ws
     D = q.shape[-1]
     ns, nq, nk = g.ns, g.bh * g.bw, g.lh * g.lw
     # delta = rowsum(dO * O): the softmax-Jacobian term of every query.
     delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    if dlse is not None:        # d lse_i / d s_ij = p_ij: dS = P * (dP - (delta - dlse))
+        delta = delta - dlse.to(acc)
     dout, q, delta, lse = (relay(x, g, "q") for x in (dout, q, delta, lse))   # dilated axes by residue
     k, v = relay(k, g, "k"), relay(v, g, "k")
     qs = tile_rows(q, g, acc, ws, "q", scale)              # (nht, BH*ns, T, nq, D), pre-scaled

@@ -1,7 +1,8 @@
 """The CPU tile path as ``torch.library`` custom ops: the one op and autograd path of this backend.
 
-* ``nuwa3dna::torch_fwd(q, k, v, extent, causal, scale, window=None) -> (out, lse)``
-* ``nuwa3dna::torch_bwd(dout, q, k, v, out, lse, extent, causal, scale, window=None) -> (dq, dk, dv)``
+* ``nuwa3dna::torch_fwd(q, k, v, extent, causal, scale, window=None, bias=None) -> (out, lse)``
+* ``nuwa3dna::torch_bwd(dout, dlse, q, k, v, out, lse, extent, causal, scale, window=None, bias=None)
+  -> (dq, dk, dv, dbias)`` (autograd wiring and argument meanings: ``kernels/autograd.py``)
 
 ``causal`` is raster order; ``window`` the v2 window options (dilation, stride,
 per-axis causal, shifted borders, asymmetric radii) as ``windows.Options.encode``
@@ -23,7 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from nuwa3dna.kernels.autograd import contiguous_like, wire
+from nuwa3dna.kernels.autograd import contiguous_like, no_bias_grad, wire
 from nuwa3dna.kernels.cpu import planner, sdpa
 from nuwa3dna.kernels.cpu.backward import backward
 from nuwa3dna.kernels.cpu.forward import forward
@@ -36,7 +37,9 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("nuwa3dna::torch_fwd", mutates_args=())
 def torch_fwd(q: Tensor, k: Tensor, v: Tensor, extent: List[int], causal: bool,
-              scale: float, window: Optional[List[int]] = None) -> Tuple[Tensor, Tensor]:
+              scale: float, window: Optional[List[int]] = None,
+              bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    _unsupported(q, k, bias)
     config, opts = planner.DEFAULT, Options.decode(window)
     impl = sdpa.forward if _fused(q, k, extent, causal, config, opts) else forward
     return impl(q, k, v, tuple(extent), causal, scale, config, opts)
@@ -49,27 +52,38 @@ def _fused(q, k, extent, causal, config, opts) -> bool:
 
 
 @torch_fwd.register_fake
-def _(q, k, v, extent, causal, scale, window=None):
+def _(q, k, v, extent, causal, scale, window=None, bias=None):
     return contiguous_like(q), q.new_empty(q.shape[:5], dtype=_acc(q.dtype))
 
 
 @torch.library.custom_op("nuwa3dna::torch_bwd", mutates_args=())
-def torch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              extent: List[int], causal: bool, scale: float,
-              window: Optional[List[int]] = None) -> Tuple[Tensor, Tensor, Tensor]:
+def torch_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+              lse: Tensor, extent: List[int], causal: bool, scale: float,
+              window: Optional[List[int]] = None,
+              bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    _unsupported(q, k, bias)
     config, opts = planner.DEFAULT, Options.decode(window)
-    impl = sdpa.backward if _fused(q, k, extent, causal, config, opts) else backward
-    return impl(dout, q, k, v, out, lse, tuple(extent), causal, scale, config, opts)
+    # The fused kernel's backward forms delta = rowsum(dO * O) itself, with no way to
+    # subtract a used log-sum-exp's gradient: such calls take the tile backward.
+    fused = dlse is None and _fused(q, k, extent, causal, config, opts)
+    impl = sdpa.backward if fused else backward
+    return impl(dout, dlse, q, k, v, out, lse, tuple(extent), causal, scale, config, opts) + (no_bias_grad(q),)
+
+
+def _unsupported(q, k, bias) -> None:
+    if bias is not None:
+        raise NotImplementedError("backend='torch' does not take a relative position bias yet")
+    if k.shape[4] != q.shape[4]:
+        raise NotImplementedError("backend='torch' does not take fewer key/value heads than query heads yet")
 
 
 wire(torch_fwd, torch_bwd)
 
 
 def torch_attention(q: Tensor, k: Tensor, v: Tensor, extent, causal: bool, scale: float,
-                    opts: Options = Options()) -> Tensor:
-    """3DNA on the CPU backend (differentiable, compilable); ``extent`` resolved, inputs checked.
-    ``causal``: raster order (a bool); the v2 window options (per-axis causal included) in ``opts``."""
+                    opts: Options = Options(), bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """3DNA on the CPU backend (differentiable, compilable): (out, lse (B, T, H, W, heads) float32/64).
+    ``extent`` resolved, inputs checked. ``causal``: raster order (a bool); the v2 window options
+    (per-axis causal included) in ``opts``; ``bias`` the relative position bias or None."""
     extent = [int(e) for e in extent]
-    if opts.plain:       # today's call, unchanged
-        return torch_fwd(q, k, v, extent, bool(causal), float(scale))[0]
-    return torch_fwd(q, k, v, extent, bool(causal), float(scale), opts.encode())[0]
+    return torch_fwd(q, k, v, extent, bool(causal), float(scale), None if opts.plain else opts.encode(), bias)

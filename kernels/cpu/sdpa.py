@@ -113,9 +113,10 @@ def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig, opts
     return on_lead(body, q.device, config.max_workers)
 
 
-def backward(dout, q, k, v, out, lse, extent, causal: bool, scale: float, config: CpuConfig,
+def backward(dout, dlse, q, k, v, out, lse, extent, causal: bool, scale: float, config: CpuConfig,
              opts: Options = PLAIN):
-    """(dq, dk, dv) like q, k, v: the fused kernel's backward per (batch, head), split over workers."""
+    """(dq, dk, dv) like q, k, v: the fused kernel's backward per (batch, head), split over workers.
+    ``dlse`` must be None (the kernel forms delta itself; ``op.torch_bwd`` routes the rest)."""
     def body(workers):
         q_grid, kv_grid = tuple(q.shape[1:4]), tuple(k.shape[1:4])
         mask = _mask(q_grid, kv_grid, tuple(extent), causal, q.dtype, config.mask_cache_limit, opts)

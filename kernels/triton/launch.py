@@ -151,9 +151,11 @@ def forward(q, k, v, extent, causal: bool, scale: float,
 
 
 def backward(q, k, v, out, lse, dout, extent, causal: bool, scale: float,
-             dq=None, dk=None, dv=None, delta=None):
+             dq=None, dk=None, dv=None, delta=None, dlse=None):
     """Launch preprocess, dK/dV and dQ; returns (dq, dk, dv). Buffers may be
-    preallocated; ``dout`` is read through its strides (broadcast stride 0 included)."""
+    preallocated; ``dout`` is read through its strides (broadcast stride 0 included).
+    ``dlse``: the gradient of the returned lse (``stats_shape(q)``) or None; it enters
+    as delta - dlse (d lse_i / d s_ij = p_ij)."""
     check_index_range(q, k)
     with device_guard(q.device):
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
@@ -162,6 +164,8 @@ def backward(q, k, v, out, lse, dout, extent, causal: bool, scale: float,
         if delta is None:
             delta = torch.empty(stats_shape(q), dtype=torch.float32, device=q.device)
         _run(preprocess_launch(q, out, dout, delta))
+        if dlse is not None:
+            delta.sub_(dlse)
         for spec in dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale):
             _run(spec)
         _run(dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale))

@@ -1,7 +1,8 @@
 """The Triton backend as ``torch.library`` custom ops, and ``triton_attention``.
 
-* ``nuwa3dna::triton_fwd(q, k, v, extent, causal, scale) -> (out, lse)``
-* ``nuwa3dna::triton_bwd(dout, q, k, v, out, lse, extent, causal, scale) -> (dq, dk, dv)``
+* ``nuwa3dna::triton_fwd(q, k, v, extent, causal, scale, window=None, bias=None) -> (out, lse)``
+* ``nuwa3dna::triton_bwd(dout, dlse, q, k, v, out, lse, extent, causal, scale, window=None, bias=None)
+  -> (dq, dk, dv, dbias)`` (autograd wiring and argument meanings: ``kernels/autograd.py``)
 
 Each is opaque to ``torch.compile`` (fullgraph) with a fake implementation for
 shape propagation; the backward is registered with ``register_autograd``
@@ -15,39 +16,54 @@ the kernels only run under the Triton interpreter, eagerly).
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from nuwa3dna.kernels.autograd import contiguous_like, wire
+from nuwa3dna.kernels.autograd import contiguous_like, no_bias_grad, wire
 from nuwa3dna.kernels.triton.launch import backward, forward, stats_shape
 
 
 @torch.library.custom_op("nuwa3dna::triton_fwd", mutates_args=())
 def triton_fwd(q: Tensor, k: Tensor, v: Tensor, extent: List[int], causal: bool,
-               scale: float) -> Tuple[Tensor, Tensor]:
+               scale: float, window: Optional[List[int]] = None,
+               bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    _unsupported(q, k, window, bias)
     return forward(q, k, v, tuple(extent), causal, scale)
 
 
+def _unsupported(q, k, window, bias) -> None:
+    if window:
+        raise NotImplementedError("backend='triton' does not take the v2 window options yet")
+    if bias is not None:
+        raise NotImplementedError("backend='triton' does not take a relative position bias yet")
+    if k.shape[4] != q.shape[4]:
+        raise NotImplementedError("backend='triton' does not take fewer key/value heads than query heads yet")
+
+
 @triton_fwd.register_fake
-def _(q, k, v, extent, causal, scale):
+def _(q, k, v, extent, causal, scale, window=None, bias=None):
     return contiguous_like(q), q.new_empty(stats_shape(q), dtype=torch.float32)
 
 
 @torch.library.custom_op("nuwa3dna::triton_bwd", mutates_args=())
-def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-               extent: List[int], causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+def triton_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+               lse: Tensor, extent: List[int], causal: bool, scale: float,
+               window: Optional[List[int]] = None,
+               bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    _unsupported(q, k, window, bias)
     # dout goes in as autograd hands it over: the kernels read it through its
     # strides, so a broadcast (stride-0) gradient from out.sum() is not copied.
-    return backward(q, k, v, out, lse, dout, tuple(extent), causal, scale)
+    return backward(q, k, v, out, lse, dout, tuple(extent), causal, scale, dlse=dlse) + (no_bias_grad(q),)
 
 
 wire(triton_fwd, triton_bwd)
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, extent: Sequence[int], causal: bool,
-                     scale: float) -> Tensor:
-    """3DNA through the fused kernels (differentiable, compilable); ``extent`` resolved
-    (three ints), ``scale`` a float; inputs already validated."""
-    return triton_fwd(q, k, v, [int(e) for e in extent], bool(causal), float(scale))[0]
+                     scale: float, window: Optional[List[int]] = None,
+                     bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """3DNA through the fused kernels (differentiable, compilable): (out, lse (B, heads, T, H, W)
+    float32). ``extent`` resolved (three ints), ``scale`` a float; inputs already validated."""
+    return triton_fwd(q, k, v, [int(e) for e in extent], bool(causal), float(scale), window, bias)
