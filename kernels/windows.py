@@ -119,6 +119,38 @@ def axis_windows(n: int, m: int, before: int, after: Optional[int] = None, dilat
     return r + lo * d, r + hi * d
 
 
+def axis_leaders(n: int, m: int, dilation: int = 1, stride: int = 1, causal: bool = False,
+                 device=None) -> torch.Tensor:
+    """Key position of each query's leader on one axis (l = r + leader*d; the centre c when s = 1):
+    (n,) int64. The relative position bias indexes a window key j by (j - l) // d."""
+    d, s = dilation, stride
+    p = torch.arange(n, device=device)
+    c = torch.div(p * m, n, rounding_mode="floor")
+    r, g = c % d, torch.div(c, d, rounding_mode="floor")
+    L = torch.div(m - 1 - r, d, rounding_mode="floor") + 1
+    lead = torch.minimum(torch.div(g, s, rounding_mode="floor") * s + (s - 1 if causal else s // 2), L - 1)
+    return r + lead * d
+
+
+def bias_radius(before: int, after: Optional[int] = None, shift: bool = False) -> int:
+    """R of one axis of a relative position bias (2R + 1 entries): the farthest a window key can
+    sit from the leader, in dilation steps: max(before, after) clipped, before + after shifted
+    (a shifted window moves up to K - 1 = 2e past its leader at a border)."""
+    after = before if after is None else after
+    return before + after if shift else max(before, after)
+
+
+def axis_offsets(n: int, m: int, before: int, after: Optional[int] = None, dilation: int = 1,
+                 stride: int = 1, causal: bool = False, shift: bool = False, device=None) -> torch.Tensor:
+    """(n, m) int64: the bias index (j - l) // d + R of key j for query p (valid where ``axis_mask``
+    is True; clamped into [0, 2R] elsewhere so a gather never leaves the table)."""
+    R = bias_radius(before, after, shift)
+    lead = axis_leaders(n, m, dilation, stride, causal, device)
+    j = torch.arange(m, device=device)[None, :]
+    off = torch.div(j - lead[:, None], dilation, rounding_mode="floor") + R
+    return off.clamp(0, 2 * R)
+
+
 def axis_mask(n: int, m: int, before: int, after: Optional[int] = None, dilation: int = 1, stride: int = 1,
               causal: bool = False, shift: bool = False, device=None) -> torch.Tensor:
     """(n, m) boolean table of one axis: True where key j is in query p's window."""
