@@ -141,10 +141,15 @@ def bias_radius(before: int, after: Optional[int] = None, shift: bool = False) -
 
 
 def axis_offsets(n: int, m: int, before: int, after: Optional[int] = None, dilation: int = 1,
-                 stride: int = 1, causal: bool = False, shift: bool = False, device=None) -> torch.Tensor:
+                 stride: int = 1, causal: bool = False, shift: bool = False, device=None,
+                 radius: Optional[int] = None) -> torch.Tensor:
     """(n, m) int64: the bias index (j - l) // d + R of key j for query p (valid where ``axis_mask``
-    is True; clamped into [0, 2R] elsewhere so a gather never leaves the table)."""
-    R = bias_radius(before, after, shift)
+    is True; clamped into [0, 2R] elsewhere so a gather never leaves the table).
+
+    ``radius``: R from the bias's own shape ((size - 1) // 2), which backends must use: they get
+    the extent capped at the axis length (``geometry.resolve_extent``), the bias is shaped by the
+    user's extent. Default ``bias_radius(before, after, shift)``."""
+    R = bias_radius(before, after, shift) if radius is None else radius
     lead = axis_leaders(n, m, dilation, stride, causal, device)
     j = torch.arange(m, device=device)[None, :]
     off = torch.div(j - lead[:, None], dilation, rounding_mode="floor") + R

@@ -99,10 +99,13 @@ def check_inputs(q, k, v, extent, causal, scale, backend, *, dilation=1, stride=
         raise ValueError(f"q, k, v must be on one device, got {q.device=}, {k.device=}, {v.device=}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have one shape, got k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}")
-    for axis, what in ((0, "batch"), (4, "heads"), (5, "head dim")):
+    for axis, what in ((0, "batch"), (5, "head dim")):
         if q.shape[axis] != k.shape[axis]:
             raise ValueError(
                 f"q and k differ in {what}: q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
+    if q.shape[4] % k.shape[4]:
+        raise ValueError(f"q's heads must be a multiple of k's (grouped kv heads: query head h uses kv head "
+                         f"h // (Hq // Hk)), got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
     extent = normalize_extent(extent)
     causal, dilation, stride = check_windows(extent, causal, dilation, stride, border, after)
     check_window_grids(tuple(q.shape[1:4]), tuple(k.shape[1:4]), extent, causal, dilation, border, after)
@@ -120,6 +123,51 @@ def check_inputs(q, k, v, extent, causal, scale, backend, *, dilation=1, stride=
         check_triton(q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return extent, scale, causal, dilation, stride
+
+
+def check_extras(q, k, extent, border="clip", after=None, *, additional_keys=None, additional_values=None,
+                 bias=None, return_lse=False, backend="auto"):
+    """Validate ``nearby_attention``'s global tokens, relative position bias and ``return_lse``
+    (docs/design.md section 8); ``extent`` normalised (a 3-tuple)."""
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse=}")
+    if (additional_keys is None) != (additional_values is None):
+        raise ValueError("additional_keys and additional_values go together: got "
+                         f"{'additional_keys' if additional_values is None else 'additional_values'} alone")
+    if additional_keys is not None:
+        B, Hk, D = k.shape[0], k.shape[4], k.shape[5]
+        for name, x in (("additional_keys", additional_keys), ("additional_values", additional_values)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.dim() != 4 or x.shape[0] != B or x.shape[2] != Hk or x.shape[3] != D or x.shape[1] < 1:
+                raise ValueError(f"{name} must have shape (B={B}, N >= 1, kv heads={Hk}, D={D}), "
+                                 f"got {name}.shape={tuple(x.shape)}")
+            if x.dtype != q.dtype or x.device != q.device:
+                raise TypeError(f"{name} must match q's dtype and device, got {name}.dtype={x.dtype}, "
+                                f"{name}.device={x.device}, {q.dtype=}, {q.device=}")
+        if additional_keys.shape != additional_values.shape:
+            raise ValueError(f"additional_keys and additional_values must have one shape, got "
+                             f"{tuple(additional_keys.shape)} and {tuple(additional_values.shape)}")
+    if backend == "triton" and (bias is not None or k.shape[4] != q.shape[4]):
+        raise NotImplementedError(
+            f"{backend=} does not take {'a relative position bias' if bias is not None else 'grouped kv heads'} "
+            "yet; use backend='torch' or 'dense' (or 'auto', which runs 'torch' for it)")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating-point torch.Tensor, got {type(bias).__name__}"
+                        + (f" of dtype {bias.dtype}" if isinstance(bias, torch.Tensor) else ""))
+    if bias.device != q.device:
+        raise ValueError(f"bias must be on q's device, got {bias.device=}, {q.device=}")
+    if any(e is None for e in extent):
+        raise ValueError(f"a relative position bias needs a finite extent on every axis (None is the whole "
+                         f"axis), got {extent=}")
+    from nuwa3dna.kernels.windows import bias_radius
+    after = extent if after is None else after
+    want = (q.shape[4],) + tuple(2 * bias_radius(e, a, border == "shift") + 1 for e, a in zip(extent, after))
+    if tuple(bias.shape) != want:
+        raise ValueError(f"bias must have shape (heads, 2R_t+1, 2R_h+1, 2R_w+1) = {want} for {extent=}, "
+                         f"{border=} (R = extent clipped, 2*extent shifted), got bias.shape={tuple(bias.shape)}")
 
 
 def normalize_causal(causal):

@@ -9,7 +9,8 @@ Same arguments, same layout, same result: query, key, value are
 ``stride``, ``dilation`` are ints or per-axis tuples, ``is_causal`` a bool or a
 per-axis tuple. A kernel size K is ``nearby_attention(..., border="shift")`` with
 extent K // 2, and for even K one key fewer after the leader (K // 2 - 1), as in
-NATTEN. Beyond NATTEN: key/value grids of another size than the query's (cross
+NATTEN; ``additional_keys``/``additional_values`` and ``return_lse`` as
+NATTEN's (global keys in the same softmax; natural-log lse). Beyond NATTEN: key/value grids of another size than the query's (cross
 attention, centres rescaled; non-causal), a CPU backward, and kernel size 1.
 """
 from __future__ import annotations
@@ -32,14 +33,9 @@ def _is_int(v, low):
 
 def neighborhood_attention(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
                            additional_keys=None, additional_values=None, return_lse=False):
-    """``na1d``/``na2d``/``na3d`` by the number of spatial axes of ``query`` (its dim - 3)."""
-    if additional_keys is not None or additional_values is not None:
-        raise NotImplementedError(
-            "nuwa3dna.natten: additional_keys/additional_values (keys every query sees) are not supported "
-            "yet; call without them")
-    if return_lse:
-        raise NotImplementedError("nuwa3dna.natten: return_lse=True is not supported yet; call with "
-                                  "return_lse=False")
+    """``na1d``/``na2d``/``na3d`` by the number of spatial axes of ``query`` (its dim - 3).
+    ``additional_keys``/``additional_values`` (batch, N, heads, head_dim) join every window
+    in one softmax; ``return_lse`` returns (out, lse (batch, *spatial, heads)), as NATTEN."""
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5, 6):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -67,11 +63,14 @@ def neighborhood_attention(query, key, value, kernel_size, stride=1, dilation=1,
     extent = (0,) * pad + tuple(k // 2 for k in kernel_size)
     after = (0,) * pad + tuple(k // 2 - (k % 2 == 0) for k in kernel_size)
     causal = (False,) * pad + is_causal
-    out = windowed_attention(
+    res = windowed_attention(
         lift(query), lift(key), lift(value), extent, causal if any(causal) else False, scale, "auto",
         dilation=(1,) * pad + dilation, stride=(1,) * pad + stride, border="shift",
-        after=None if after == extent else after)
-    return out.reshape(query.shape)
+        after=None if after == extent else after, additional_keys=additional_keys,
+        additional_values=additional_values, return_lse=bool(return_lse))
+    if return_lse:
+        return res[0].reshape(query.shape), res[1].reshape(query.shape[:-1])
+    return res.reshape(query.shape)
 
 
 def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,

@@ -97,6 +97,29 @@ def test_shift_border_is_natten_na3d(seed, natten_functional):
     assert (got - want).abs().max().item() <= 1e-4
 
 
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile", "ignore:return_lse is deprecated")
+@pytest.mark.parametrize("seed", range(4))
+def test_additional_keys_and_lse_match_natten(seed, natten_functional):
+    """Global keys in the window's softmax and the log-sum-exp, as NATTEN's na3d returns them:
+    through ``nuwa3dna.natten.na3d`` (auto) and ``nearby_attention(backend="torch", border="shift")``."""
+    rng = random.Random(200 + seed)
+    size = tuple(rng.choice([3, 5, 7]) for _ in range(3))
+    extent = tuple(rng.randint(1, (n - 1) // 2) for n in size)
+    kernel = tuple(2 * e + 1 for e in extent)
+    q, k, v = make(size, 2, 16, seed)
+    g = torch.Generator().manual_seed(seed)
+    n_extra = rng.choice([1, 4, 7])
+    ak, av = (torch.randn(1, n_extra, 2, 16, generator=g) for _ in range(2))
+    want, want_lse = natten_functional.na3d(q, k, v, kernel, additional_keys=ak, additional_values=av,
+                                            return_lse=True)
+    for got, got_lse in (ours.na3d(q, k, v, kernel, additional_keys=ak, additional_values=av, return_lse=True),
+                         nearby_attention(q, k, v, extent, backend="torch", border="shift", additional_keys=ak,
+                                          additional_values=av, return_lse=True)):
+        assert got_lse.shape == want_lse.shape
+        assert (got - want).abs().max().item() <= 1e-4
+        assert (got_lse - want_lse).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("kw", [dict(kernel_size=(5, 3), dilation=(2, 1)), dict(kernel_size=3, stride=4)])
 def test_errors_match_natten_kind(kw, natten_functional):
     q = torch.randn(1, 7, 7, 1, 8)
@@ -125,10 +148,8 @@ def test_layer_is_the_definition(case):
 
 def test_layer_refusals_and_backward():
     q = torch.randn(2, 6, 7, 2, 16, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="additional_keys"):
-        ours.na2d(q, q, q, 3, additional_keys=q[:, 0], additional_values=q[:, 0])
-    with pytest.raises(NotImplementedError, match="return_lse"):
-        ours.na2d(q, q, q, 3, return_lse=True)
+    with pytest.raises(ValueError, match="additional_keys and additional_values go together"):
+        ours.na2d(q, q, q, 3, additional_keys=q[:, 0])
     with pytest.raises(ValueError, match="na3d takes"):
         ours.na3d(q, q, q, 3)
     with pytest.raises(ValueError, match="is_causal"):
