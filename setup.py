@@ -15,7 +15,12 @@ setup(
     python_requires=">=3.9",
     # torch is pinned by .ci/run (CPU build from local disk); a looser range here
     # lets GPU users keep their own CUDA build.
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy", "einops"],
+    # Triton wheels exist only for Linux on x86_64/aarch64; elsewhere (macOS, Windows)
+    # the package installs without it and runs the CPU path.
+    install_requires=["torch>=2.4",
+                      "triton>=3.0; platform_system == 'Linux' and "
+                      "(platform_machine == 'x86_64' or platform_machine == 'aarch64')",
+                      "numpy", "einops"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "model": ["tqdm", "pillow", "safetensors"],

@@ -111,6 +111,12 @@ class DataConfig:
         lo, hi = self.radius
         return max(2, round(lo * self.scale)), max(2, round(hi * self.scale))
 
+    @property
+    def vocabulary(self) -> Tuple[str, ...]:
+        """Every word a caption of this data can hold (a checkpoint's vocab.json)."""
+        joined = ("and",) if self.max_objects > 1 else ()
+        return tuple(sorted({"a", "moves", "stays", "still", *joined, *COLOR_NAMES, *SHAPES, *self.directions}))
+
     @classmethod
     def from_model_config(cls, config, **overrides) -> "DataConfig":
         """Sizes from a NuwaConfig-like object (``image_size``, ``frames``)."""

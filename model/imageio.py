@@ -8,12 +8,16 @@ are all < ``num_classes`` is read as class indices directly (palette 'P'
 files are read by colour: GIF palettes order colours arbitrarily).
 
 Resizing of user files: downscaling uses BOX filtering (exact for
-nearest-upscaled pictures such as our own outputs), upscaling NEAREST; other
-aspect ratios are stretched. Untested: 16-bit PNGs and CMYK files.
+nearest-upscaled pictures such as our own outputs), upscaling NEAREST. A
+non-square file is letterboxed, not stretched: centred on a black square
+(black is the background colour and sketch class 0) with a ``UserWarning``
+naming the sizes (the command lines print it as one ``warning:`` line).
+Untested: 16-bit PNGs and CMYK files.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -153,7 +157,29 @@ def _frames(img: Image.Image):
         raise ValueError(f"cannot read the frames of {getattr(img, 'filename', '?')!r}: {e}") from None
 
 
+def letterbox(frame: Image.Image) -> Image.Image:
+    """A non-square frame centred on a black (value 0) square of its longer side."""
+    w, h = frame.size
+    if w == h:
+        return frame
+    n = max(w, h)
+    out = Image.new(frame.mode, (n, n), 0)
+    out.paste(frame, ((n - w) // 2, (n - h) // 2))
+    return out
+
+
+def _square_frames(frames, path) -> list:
+    w, h = frames[0].size
+    if w != h:
+        n = max(w, h)
+        warnings.warn(f"{os.fspath(path)!r} is {w}x{h} px, not square: letterboxed to {n}x{n} "
+                      f"(black bands), not stretched", UserWarning, stacklevel=3)
+        frames = [letterbox(f.convert("RGB") if f.mode == "P" else f) for f in frames]
+    return frames
+
+
 def _resize(frame: Image.Image, size: int) -> Image.Image:
+    frame = letterbox(frame)
     if frame.size == (size, size):
         return frame
     smaller = frame.size[0] >= size and frame.size[1] >= size
@@ -165,6 +191,7 @@ def read_video(path: str, size: int, max_frames: Optional[int] = None) -> torch.
     frames = _frames(_open(path))
     if max_frames is not None:
         frames = frames[:max_frames]
+    frames = _square_frames(frames, path)
     arr = np.stack([np.asarray(_resize(f.convert("RGB"), size), dtype=np.float32) / 255.0 for f in frames])
     return torch.from_numpy(np.moveaxis(arr, -1, -3).copy())[None]
 
@@ -174,7 +201,21 @@ def read_image(path: str, size: int) -> torch.Tensor:
     return read_video(path, size, max_frames=1)
 
 
+def read_mask(path: str, size: int) -> torch.Tensor:
+    """An i2i mask PNG -> (size, size) bool, True (white, grey >= 128) = hidden, to generate.
+
+    Downscaling keeps a pixel hidden if any hidden source pixel falls in it, so a
+    thin stroke still hides its tokens."""
+    frames = _square_frames(_frames(_open(path))[:1], path)
+    hid = (np.asarray(frames[0].convert("L")) >= 128).astype(np.uint8) * 255
+    img = Image.fromarray(hid, mode="L")
+    if img.size != (size, size):
+        img = _resize(img, size)
+    return torch.from_numpy(np.asarray(img) > 0)
+
+
 def _classes_of(frame: Image.Image, size: int, num_classes: int) -> np.ndarray:
+    frame = letterbox(frame)
     if frame.mode in ("L", "I"):
         raw = np.asarray(frame.resize((size, size), Image.NEAREST) if frame.size != (size, size) else frame)
         if raw.size and raw.max() < num_classes:
@@ -192,4 +233,5 @@ def read_sketch(path: str, size: int, num_classes: int, max_frames: Optional[int
     frames = _frames(_open(path))
     if max_frames is not None:
         frames = frames[:max_frames]
+    frames = _square_frames(frames, path)
     return torch.from_numpy(np.stack([_classes_of(f, size, num_classes) for f in frames]))[None]

@@ -13,8 +13,11 @@ optimise ``pipeline.nuwa.parameters()`` for the transformer.
 
 ``generate``: i2i keeps the top ``config.i2i_given_rows`` token rows (the top
 ``i2i_given_rows * vq_downsample`` pixel rows, half the image by default) of
-``image`` and completes the rest; v2v keeps the first
-``config.v2v_given_frames`` frames of ``video`` and predicts the others.
+``image``, or everything outside a user ``mask``, and completes the rest; the
+kept tokens are encoded from the image with the hidden region blanked
+(model/masks.py), in training too, so no hidden pixel reaches them. v2v keeps
+the first ``config.v2v_given_frames`` (or ``given_frames``) frames of
+``video`` and predicts the others.
 
 Checkpoints: ``save(dir)`` writes ``config.json`` and ``model.safetensors``
 (the whole state dict, tokenizers' codebooks included), each atomically
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import replace
 from typing import Dict, Optional, Tuple
 
@@ -33,15 +37,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from nuwa3dna.model.config import NuwaConfig
+from nuwa3dna.model.masks import blank, check_given_frames, default_hidden, token_hidden
 from nuwa3dna.model.nuwa import Nuwa
 from nuwa3dna.model.tasks import (GENERATE_INPUTS, IMAGE_TASKS, SKETCH_TASKS, SOURCE_TASKS, TEXT_TASKS,
                                   TRAIN_INPUTS, check_task, drop_condition, form, output_grid)
-from nuwa3dna.model.text import ByteTextTokenizer
+from nuwa3dna.model.text import ByteTextTokenizer, UnknownWordsWarning, normalize_text, unknown_words
 from nuwa3dna.model.vq import SketchTokenizer, VQTokenizer
 from nuwa3dna.model.weights import load_tensors, module_tensors, save_json, save_tensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+VOCAB_FILE = "vocab.json"     # optional: the training captions' words (``vocabulary``)
 
 
 class NuwaPipeline(nn.Module):
@@ -55,6 +61,8 @@ class NuwaPipeline(nn.Module):
         self.sketch_tokenizer = SketchTokenizer.from_config(config) if sketch_tokenizer is None else sketch_tokenizer
         self.nuwa = Nuwa(config=config) if nuwa is None else nuwa
         self.text_tokenizer = ByteTextTokenizer(config.text_len)
+        # Words of the training captions (None: unknown, no warnings); saved as vocab.json.
+        self.vocabulary: Optional[Tuple[str, ...]] = None
         if self.tokenizer.codebook_size != config.vq_codebook_size:
             raise ValueError(f"tokenizer has {self.tokenizer.codebook_size} codes but "
                              f"{config.vq_codebook_size=}")
@@ -101,16 +109,48 @@ class NuwaPipeline(nn.Module):
         return x.to(self._device())
 
     def _text(self, text):
+        """Captions -> ids; case-insensitive (``normalize_text``: the training captions are lower case)."""
         if isinstance(text, str):
             text = [text]
         if not isinstance(text, (list, tuple)):
             raise TypeError(f"text must be a str or a list of str, got {type(text).__name__}")
-        return self.text_tokenizer.encode(list(text)).to(self._device())
+        texts = [normalize_text(t) if isinstance(t, str) else t for t in text]
+        return self.text_tokenizer.encode(texts).to(self._device())
+
+    def unknown_words(self, text: str):
+        """Words of ``text`` the model never saw in training ([] when ``vocabulary`` is None)."""
+        return [] if self.vocabulary is None else unknown_words(text, self.vocabulary)
+
+    def _warn_unknown(self, text) -> None:
+        for t in ([text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else []):
+            bad = self.unknown_words(t) if isinstance(t, str) else []
+            if bad:
+                warnings.warn(f"prompt {t!r} has words the model never saw in training: {', '.join(bad)}; "
+                              f"it knows: {' '.join(self.vocabulary)}", UnknownWordsWarning, stacklevel=3)
+
+    def _layout(self, task: str, inputs: Dict) -> Dict:
+        """What the task hides: i2i's (h, w) hidden token mask (from ``inputs["mask"]``, a pixel
+        mask with nonzero = hidden, or the default bottom rows), v2v's number of given frames."""
+        c = self.config
+        if inputs.get("mask") is not None and task != "i2i":
+            raise ValueError(f"mask is an i2i input (the region to generate), not one of task {task!r}")
+        if inputs.get("given_frames") is not None and task != "v2v":
+            raise ValueError(f"given_frames is a v2v input, not one of task {task!r}")
+        if task == "i2i":
+            m = inputs.get("mask")
+            return {"hidden": default_hidden(c) if m is None else token_hidden(m, c)}
+        if task == "v2v":
+            return {"given_frames": check_given_frames(c, c.frames, inputs.get("given_frames"))}
+        return {}
 
     def _tokenize(self, task: str, inputs: Dict, training: bool):
-        """Validate and tokenize; returns (formation kwargs, target tokens or None, batch)."""
+        """Validate and tokenize; returns (formation kwargs, target tokens or None, batch, layout).
+
+        i2i's given tokens are the codes of the image with its hidden tokens'
+        pixels blanked (model/masks.py: nothing hidden reaches them)."""
         c = self.config
         frames = 1 if task in IMAGE_TASKS else c.frames
+        layout = self._layout(task, inputs)
         toks, batches = {}, {}
         if task in TEXT_TASKS:
             toks["text"] = self._text(inputs["text"])
@@ -128,24 +168,27 @@ class NuwaPipeline(nn.Module):
             tgt = self._check_pixels("target", inputs["target"], frames)
             target = self.tokenizer.encode(tgt)
             batches["target"] = tgt.shape[0]
-            if task in ("i2i", "v2v"):
+            if task == "i2i":
+                toks["given"] = self.tokenizer.encode(blank(tgt, layout["hidden"], c))
+            elif task == "v2v":       # per-frame tokenizer: the given frames' codes are their own
                 toks["given"] = target
         elif task == "i2i":
             img = self._check_pixels("image", inputs["image"], 1)
-            toks["given"] = self.tokenizer.encode(img)
+            toks["given"] = self.tokenizer.encode(blank(img, layout["hidden"], c))
             batches["image"] = img.shape[0]
         elif task == "v2v":
-            vid = self._check_pixels("video", inputs["video"], None, c.v2v_given_frames)
-            g = self.tokenizer.encode(vid[:, :c.v2v_given_frames])
+            g_frames = layout["given_frames"]
+            vid = self._check_pixels("video", inputs["video"], None, g_frames)
+            g = self.tokenizer.encode(vid[:, :g_frames])
             full = torch.zeros((g.shape[0], *output_grid(task, c)), dtype=torch.long, device=g.device)
-            full[:, :c.v2v_given_frames] = g
+            full[:, :g_frames] = g
             toks["given"] = full
             batches["video"] = vid.shape[0]
         if len(set(batches.values())) > 1:
             raise ValueError(f"inputs disagree on the batch size: {batches}")
         if min(batches.values()) < 1:
             raise ValueError(f"inputs hold no example: batch sizes {batches}")
-        return toks, target, next(iter(batches.values()))
+        return toks, target, next(iter(batches.values())), layout
 
     def _gather_inputs(self, task: str, inputs: Dict, needed: Tuple[str, ...]) -> Dict:
         if not isinstance(inputs, dict):
@@ -165,12 +208,14 @@ class NuwaPipeline(nn.Module):
         """Mean cross-entropy of the decoder over the non-given target tokens, with condition dropout."""
         check_task(task)
         inputs = self._gather_inputs(task, inputs, TRAIN_INPUTS[task])
-        toks, target, batch = self._tokenize(task, inputs, training=True)
-        f = form(task, self.config, batch=batch, **toks)
+        toks, target, batch, layout = self._tokenize(task, inputs, training=True)
+        f = form(task, self.config, batch=batch, **toks, **layout)
         if self.training and self.config.cond_drop > 0 and f.has_condition:
             drop = torch.rand(batch, device=target.device) < self.config.cond_drop
             f = drop_condition(f, drop, self.config)
-        logits = self.nuwa(f, target)
+        # The decoder reads the given tokens (i2i: codes of the blanked image) where the task
+        # gives them, the target's elsewhere; the loss covers the non-given tokens only.
+        logits = self.nuwa(f, torch.where(f.given_mask, f.given, target))
         keep = ~f.given_mask.reshape(-1)
         logits = logits.reshape(batch, -1, logits.shape[-1])[:, keep]
         labels = target.reshape(batch, -1)[:, keep]
@@ -201,7 +246,7 @@ class NuwaPipeline(nn.Module):
             raise ValueError(f"every sample needs the same number of caption variants, got "
                              f"{[len(v) for v in variants]}")
         inputs = self._gather_inputs(task, inputs, TRAIN_INPUTS[task])
-        toks, target, batch = self._tokenize(task, inputs, training=True)
+        toks, target, batch, _ = self._tokenize(task, inputs, training=True)
         toks["text"] = self._text([c for caps in variants for c in caps])              # [B*V, L]
         toks = {k: (v if k == "text" else v.repeat_interleave(V, 0)) for k, v in toks.items()}
         tgt = target.repeat_interleave(V, 0)
@@ -222,13 +267,17 @@ class NuwaPipeline(nn.Module):
     # ---- generation -------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, task: str, *, text=None, sketch=None, image=None, video=None, source=None,
-                 num_samples: int = 1, temperature: float = 1.0, top_k: Optional[int] = None,
+                 mask=None, given_frames: Optional[int] = None, num_samples: int = 1, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, cond_scale: float = 1.0, seed: int = 0,
                  progress: bool = True) -> torch.Tensor:
         """Pixels (num_samples, T, 3, H, W) in [0, 1] (T = 1 for image tasks).
 
         Inputs hold one example (batch 1, or a bare str for text), repeated for
-        each sample, or exactly ``num_samples`` examples.
+        each sample, or exactly ``num_samples`` examples (e.g. a list of
+        ``num_samples`` prompts). i2i: ``mask`` (H, W), nonzero = the region to
+        generate (default: the bottom half); v2v: ``given_frames`` (default
+        ``config.v2v_given_frames``). Words of a prompt that the model never saw
+        in training (``vocabulary``) raise an ``UnknownWordsWarning``.
         """
         from nuwa3dna.model.sampling import sample_tokens
         check_task(task)
@@ -242,14 +291,17 @@ class NuwaPipeline(nn.Module):
         unused = [k for k, v in given.items() if v is not None and k not in needed]
         if unused:
             raise ValueError(f"task {task!r} takes inputs {needed}; got unused inputs {unused}")
+        if text is not None:
+            self._warn_unknown(text)
         was_training = self.training
         self.eval()
         try:
-            toks, _, batch = self._tokenize(task, inputs, training=False)
+            toks, _, batch, layout = self._tokenize(task, dict(inputs, mask=mask, given_frames=given_frames),
+                                                    training=False)
             if batch not in (1, num_samples):
                 raise ValueError(f"inputs hold {batch} examples; give 1 or {num_samples=}")
             toks = {k: v.expand(num_samples, *v.shape[1:]) if batch == 1 else v for k, v in toks.items()}
-            f = form(task, self.config, batch=num_samples, **toks)
+            f = form(task, self.config, batch=num_samples, **toks, **layout)
             gen = torch.Generator(device=self._device()).manual_seed(seed)
             tokens = sample_tokens(self.nuwa, f, temperature=temperature, top_k=top_k, top_p=top_p,
                                    cond_scale=cond_scale, generator=gen, progress=progress)
@@ -266,6 +318,7 @@ class NuwaPipeline(nn.Module):
         missing, unexpected = new.load_state_dict(self.state_dict(), strict=False)
         if unexpected or not all(k.endswith("rotary_freqs") for k in missing):
             raise ValueError(f"rotary conversion mismatch: missing={missing[:5]}, unexpected={unexpected[:5]}")
+        new.vocabulary = self.vocabulary
         return new
 
     # ---- checkpoints ------------------------------------------------------------------
@@ -274,6 +327,11 @@ class NuwaPipeline(nn.Module):
         save_json(os.path.join(directory, CONFIG_FILE), self.config.to_json())
         save_tensors(os.path.join(directory, WEIGHTS_FILE), module_tensors(self),
                      metadata={"format": "nuwa3dna-pipeline"})
+        vocab_path = os.path.join(directory, VOCAB_FILE)
+        if self.vocabulary is not None:
+            save_json(vocab_path, json.dumps({"words": list(self.vocabulary)}, indent=1))
+        elif os.path.isfile(vocab_path):
+            os.remove(vocab_path)
 
     @classmethod
     def load(cls, directory, map_location: str = "cpu") -> "NuwaPipeline":
@@ -297,4 +355,18 @@ class NuwaPipeline(nn.Module):
             raise ValueError(f"weights file {w_path} does not match {cfg_path}: missing={missing[:5]}, "
                              f"unexpected={unexpected[:5]}, wrong shape={bad[:5]}")
         pipe.load_state_dict(state)
+        pipe.vocabulary = _read_vocabulary(os.path.join(directory, VOCAB_FILE))
         return pipe.to(map_location)
+
+
+def _read_vocabulary(path: str) -> Optional[Tuple[str, ...]]:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fh:
+            words = json.load(fh)["words"]
+        if not all(isinstance(w, str) for w in words):
+            raise TypeError("words must be strings")
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"corrupt vocabulary file {path}: {e!r}") from None
+    return tuple(words)

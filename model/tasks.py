@@ -23,7 +23,8 @@ would need a time radius >= the number of frames to reach the source and
 doubles the decoded sequence; it was not chosen.
 
 Given (forced) decoder tokens: i2i keeps the top ``i2i_given_rows`` token rows
-of the image; v2v keeps the first ``v2v_given_frames`` frames. They are
+of the image, or every token outside a user mask (model/masks.py); v2v keeps
+the first ``v2v_given_frames`` frames (or ``given_frames``). They are
 teacher-forced inputs in training (and excluded from the loss) and forced,
 never sampled, in generation.
 
@@ -76,14 +77,22 @@ def output_grid(task: str, config) -> Tuple[int, int, int]:
     return (1, h, w) if check_task(task) in IMAGE_TASKS else (T, h, w)
 
 
-def given_mask(task: str, config) -> torch.Tensor:
-    """(T, h, w) bool: True where the decoder's token is given by the task (forced)."""
+def given_mask(task: str, config, hidden: Optional[torch.Tensor] = None,
+               given_frames: Optional[int] = None) -> torch.Tensor:
+    """(T, h, w) bool: True where the decoder's token is given by the task (forced).
+
+    i2i: everything but ``hidden`` ((h, w) bool token mask, default the rows
+    from ``config.i2i_given_rows`` on); v2v: the first ``given_frames``
+    frames (default ``config.v2v_given_frames``)."""
     grid = output_grid(task, config)
     m = torch.zeros(grid, dtype=torch.bool)
     if task == "i2i":
-        m[:, :config.i2i_given_rows] = True
+        if hidden is None:
+            m[:, :config.i2i_given_rows] = True
+        else:
+            m[:] = ~hidden.to(torch.bool).cpu()
     elif task == "v2v":
-        m[:config.v2v_given_frames] = True
+        m[:config.v2v_given_frames if given_frames is None else given_frames] = True
     return m
 
 
@@ -121,12 +130,14 @@ def none_ids(config) -> Tuple[int, int]:
 
 def form(task: str, config, *, batch: int, text: Optional[torch.Tensor] = None,
          sketch: Optional[torch.Tensor] = None, source: Optional[torch.Tensor] = None,
-         given: Optional[torch.Tensor] = None, device=None) -> Formation:
+         given: Optional[torch.Tensor] = None, device=None, hidden: Optional[torch.Tensor] = None,
+         given_frames: Optional[int] = None) -> Formation:
     """Map a task and its TOKENIZED inputs to encoder input, forced tokens and output grid.
 
     text: (B, L) byte ids; sketch: (B, T', h', w') sketch codes; source:
     (B, T, h, w) visual codes; given: (B, T, h, w) visual codes holding the
-    forced tokens (i2i, v2v). Inputs a task does not use must be None.
+    forced tokens (i2i, v2v); hidden / given_frames: see ``given_mask``.
+    Inputs a task does not use must be None.
     """
     check_task(task)
     t_none, v_none = none_ids(config)
@@ -150,7 +161,7 @@ def form(task: str, config, *, batch: int, text: Optional[torch.Tensor] = None,
         text_ids = torch.full((batch, 1, 1, 1), t_none, dtype=torch.long, device=device)
     if vis_ids is None:
         vis_ids = torch.full((batch, 1, 1, 1), v_none, dtype=torch.long, device=device)
-    mask = given_mask(task, config).to(device)
+    mask = given_mask(task, config, hidden, given_frames).to(device)
     g = torch.zeros((batch, *grid), dtype=torch.long, device=device) if given is None else given.long()
     return Formation(task, text_ids, vis_ids, grid, g, mask)
 

@@ -4,20 +4,60 @@ Token ids: 0 = padding, 1 + b for byte b (1..256). ``NONE_ID`` (257) is not
 produced by ``encode``; the model uses it for the learned "no condition" token
 (conditionless tasks, condition dropout, classifier-free guidance).
 
+Captions are case-insensitive: ``normalize_text`` (lower case, single spaces)
+runs before encoding in the pipeline, so "A Green Square" is "a green square"
+(the training captions are all lower case). ``unknown_words`` lists the words
+of a prompt outside a checkpoint's training vocabulary (the pipeline warns
+with ``UnknownWordsWarning``: byte-level input never fails, but a model asked
+for "a purple star" draws something it knows).
+
 Text longer than ``max_len`` bytes is truncated with a ``UserWarning`` (a cut
 inside a multi-byte character is dropped by ``decode``). Untested: text that
 mixes NUL bytes with padding (a NUL byte is id 1, padding 0, so it survives).
 """
 from __future__ import annotations
 
+import re
 import warnings
-from typing import List, Sequence, Union
+from typing import Iterable, List, Sequence, Tuple, Union
 
 import torch
 
 PAD_ID = 0
 NONE_ID = 257
 TEXT_VOCAB = 258
+
+
+_WORD = re.compile(r"[^\s.,;:!?\"']+")
+
+
+class UnknownWordsWarning(UserWarning):
+    """A prompt holds words the model never saw in training."""
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, runs of whitespace as one space, no leading/trailing space."""
+    return " ".join(text.lower().split())
+
+
+def words(text: str) -> List[str]:
+    """The words of a (normalised) text, punctuation dropped."""
+    return _WORD.findall(normalize_text(text))
+
+
+def unknown_words(text: str, vocabulary: Iterable[str]) -> List[str]:
+    """Words of ``text`` not in ``vocabulary``, in order, each once."""
+    vocab = set(vocabulary)
+    out = []
+    for w in words(text):
+        if w not in vocab and w not in out:
+            out.append(w)
+    return out
+
+
+def vocabulary_of(texts: Iterable[str]) -> Tuple[str, ...]:
+    """The sorted set of words of some captions (a training set's vocabulary)."""
+    return tuple(sorted({w for t in texts for w in words(t)}))
 
 
 class ByteTextTokenizer:

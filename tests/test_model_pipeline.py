@@ -49,15 +49,17 @@ def test_training_loss_every_task(pipe, task, gen):
 
 
 def test_training_loss_ignores_given_tokens(pipe, gen):
-    """i2i's loss covers only the rows the model must complete: changing the given rows' targets
-    changes the (teacher-forced) input but the loss never scores a given position."""
+    """i2i's loss covers only the rows the model must complete; the given rows are read as the
+    codes of the image with the hidden rows blanked (no leak), the others as the target's codes."""
     pipe.eval()
     c = pipe.config
     inp = make_inputs("i2i", 1, gen)
     codes = pipe.tokenizer.encode(inp["target"])
+    from nuwa3dna.model.masks import blank, default_hidden
     from nuwa3dna.model.tasks import form
-    f = form("i2i", c, batch=1, given=codes)
-    logits = pipe.nuwa(f, codes)
+    given = pipe.tokenizer.encode(blank(inp["target"], default_hidden(c), c))
+    f = form("i2i", c, batch=1, given=given)
+    logits = pipe.nuwa(f, torch.where(f.given_mask, given, codes))
     keep = ~f.given_mask
     expect = torch.nn.functional.cross_entropy(logits[0][keep], codes[0][keep])
     torch.testing.assert_close(pipe.training_loss("i2i", inp), expect)

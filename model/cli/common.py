@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import nuwa3dna.model
@@ -29,19 +30,50 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {_one_line(message)}", file=sys.stderr)
+
+
 def run_cli(fn: Callable, args) -> int:
-    """``fn(args)``; an expected failure becomes one line ``error: ...`` on stderr and exit code 2."""
-    try:
-        fn(args)
-    except EXPECTED_ERRORS as e:
-        msg = " ".join(str(e).split())          # one line, whatever the message held
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    """``fn(args)``; an expected failure becomes one line ``error: ...`` on stderr and exit code 2;
+    a warning (an unknown word in a prompt, a letterboxed file) one line ``warning: ...`` (exit 0)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _show_warning
+        try:
+            fn(args)
+        except EXPECTED_ERRORS as e:
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return 2
     return 0
+
+
+def check_device(device: str) -> str:
+    """ValueError in one line for a device string torch does not know or a device this machine lacks."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device {device!r} is not a device torch knows ({_one_line(e)}); "
+                         f"use cpu or cuda") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device on this machine (torch "
+                             f"{torch.__version__} sees none); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
+    return device
 
 
 def load_pipeline(checkpoint: str, device: str):
     from nuwa3dna.model.pipeline import NuwaPipeline
+    check_device(device)
     if not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"no checkpoint directory {checkpoint!r}; train one with "
                                 f"`python -m nuwa3dna.train` or pass --checkpoint DIR")
@@ -79,14 +111,14 @@ def _sampling(temperature: float, cond_scale: float) -> Dict:
 # 92.7% against 86.5% at T = 0.8 (once frame 0 is drawn the rest of a video is
 # nearly determined). The search: model/checkpoints/TRAINING.md, "Sampling defaults".
 TASK_TABLE: Dict[str, TaskEntry] = {
-    "t2i": TaskEntry(("prompt",), _sampling(1.0, 2.0)),
+    "t2i": TaskEntry(("prompt", "prompt_file"), _sampling(1.0, 2.0)),
     "s2i": TaskEntry(("sketch",), _sampling(0.5, 2.0)),
-    "i2i": TaskEntry(("image",), _sampling(0.5, 1.0)),
-    "ti2i": TaskEntry(("prompt", "image"), _sampling(1.0, 1.0)),
-    "t2v": TaskEntry(("prompt",), _sampling(0.5, 2.0)),
+    "i2i": TaskEntry(("image", "mask"), _sampling(0.5, 1.0)),
+    "ti2i": TaskEntry(("prompt", "prompt_file", "image"), _sampling(1.0, 1.0)),
+    "t2v": TaskEntry(("prompt", "prompt_file"), _sampling(0.5, 2.0)),
     "s2v": TaskEntry(("sketch",), _sampling(0.8, 2.0)),
-    "v2v": TaskEntry(("video",), _sampling(0.8, 1.0)),
-    "tv2v": TaskEntry(("prompt", "video"), _sampling(0.5, 2.0)),
+    "v2v": TaskEntry(("video", "given_frames"), _sampling(0.8, 1.0)),
+    "tv2v": TaskEntry(("prompt", "prompt_file", "video"), _sampling(0.5, 2.0)),
 }
 TASK_SAMPLING = {task: entry.sampling for task, entry in TASK_TABLE.items()}
 

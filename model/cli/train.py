@@ -80,6 +80,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--caption-contrast", type=float, default=0.0,
                    help="nuwa stage: weight of the loss that picks a t2v video's caption among its five "
                         "direction variants by the model's likelihood (0 = off)")
+    p.add_argument("--random-masks", type=float, default=0.0,
+                   help="nuwa stage: fraction of i2i steps with a random rectangular mask and of v2v steps "
+                        "with a random number of given frames (default 0: the config's bottom half / frames)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--time-limit", type=float, default=None, help="stop (with a checkpoint) after this many seconds")
     return p
@@ -97,6 +100,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> 
 
 def train(args) -> dict:
     check_positive(steps=args.steps, batch_size=args.batch_size)
+    if not 0.0 <= args.random_masks <= 1.0:
+        raise ValueError(f"--random-masks must be a fraction in [0, 1], got {args.random_masks}")
     set_threads(args.threads)
     config = load_config(args.config)
     if args.cond_drop is not None:

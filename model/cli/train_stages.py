@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nuwa3dna.model.cli.common import parse_tasks
+from nuwa3dna.model.cli.common import check_device, parse_tasks
 from nuwa3dna.model.weights import load_module, load_tensors, module_tensors, save_json, save_module, save_tensors
 
 STATE_FILE = "train_state_{stage}.safetensors"   # one per stage: stages may share --out
@@ -46,7 +46,7 @@ class Dist:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device is None:
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = torch.device(check_device(device))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world > 1 and not torch.distributed.is_initialized():
@@ -169,6 +169,7 @@ def build_stage(args, config, dist: Dist):
             save_module(tok, os.path.join(args.out, fname), {"config": config.to_dict()})
         return tok, _TokenizerLoss(tok, key), batch_fn, save_fn
 
+    from nuwa3dna.model.masks import random_layout
     from nuwa3dna.model.pipeline import NuwaPipeline
     from nuwa3dna.model.vq import SketchTokenizer, VQTokenizer
     tasks, weights = task_schedule(args.tasks, args.task_weights)     # checked before any loading
@@ -189,12 +190,17 @@ def build_stage(args, config, dist: Dist):
         pipe = NuwaPipeline(config=config, tokenizer=tok, sketch_tokenizer=sk).to(dist.device)
     pipe.tokenizer.requires_grad_(False).eval()
     pipe.sketch_tokenizer.requires_grad_(False).eval()
+    if pipe.vocabulary is None:
+        pipe.vocabulary = data_cfg.vocabulary
 
     def batch_fn(step):
         # Same task on every rank: drawn from (seed, step) only.
         task = tasks[int(np.random.default_rng([args.seed, step, 7]).choice(len(tasks), p=weights))]
         inputs = task_inputs(task, B, args.seed, start_of(step), data_cfg, dist.device)
         objects = inputs.pop("objects", None)          # ground truth, not a model input
+        rng = np.random.default_rng([args.seed, step, 11])
+        if args.random_masks > 0 and task in ("i2i", "v2v") and rng.random() < args.random_masks:
+            inputs.update(random_layout(task, pipe.config, rng))
         out = {"task": task, "inputs": inputs}
         if args.caption_contrast > 0 and task == "t2v":
             out["variants"], out["labels"] = direction_variants(objects, data_cfg)
