@@ -98,12 +98,8 @@ def axis_windows(n: int, m: int, before: int, after: Optional[int] = None, dilat
                  device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``axis_window`` for every query 0..n-1 of an axis at once: (start, stop) int64 tensors (step = d)."""
     after = before if after is None else after
-    d, s = dilation, stride
-    p = torch.arange(n, device=device)
-    c = torch.div(p * m, n, rounding_mode="floor")
-    r, g = c % d, torch.div(c, d, rounding_mode="floor")
-    L = torch.div(m - 1 - r, d, rounding_mode="floor") + 1
-    lead = torch.minimum(torch.div(g, s, rounding_mode="floor") * s + (s - 1 if causal else s // 2), L - 1)
+    d = dilation
+    p, r, L, lead = _leaders(n, m, dilation, stride, causal, device)
     K = before + after + 1
     if shift and causal:
         lo, hi = (lead - K + 1).clamp(min=0), lead + 1
@@ -123,13 +119,18 @@ def axis_leaders(n: int, m: int, dilation: int = 1, stride: int = 1, causal: boo
                  device=None) -> torch.Tensor:
     """Key position of each query's leader on one axis (l = r + leader*d; the centre c when s = 1):
     (n,) int64. The relative position bias indexes a window key j by (j - l) // d."""
-    d, s = dilation, stride
+    _, r, _, lead = _leaders(n, m, dilation, stride, causal, device)
+    return r + lead * dilation
+
+
+def _leaders(n: int, m: int, d: int, s: int, causal: bool, device):
+    """Per query of an axis: (p, residue r = c mod d, L = |S|, the leader's index in S)."""
     p = torch.arange(n, device=device)
     c = torch.div(p * m, n, rounding_mode="floor")
     r, g = c % d, torch.div(c, d, rounding_mode="floor")
     L = torch.div(m - 1 - r, d, rounding_mode="floor") + 1
     lead = torch.minimum(torch.div(g, s, rounding_mode="floor") * s + (s - 1 if causal else s // 2), L - 1)
-    return r + lead * d
+    return p, r, L, lead
 
 
 def bias_radius(before: int, after: Optional[int] = None, shift: bool = False) -> int:
