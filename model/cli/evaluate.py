@@ -20,7 +20,11 @@ are given. Each task has its metric function (``METRICS``); the figures
   (``image_size`` px where the object is missing).
 * ti2i / tv2v edit success: the edited attribute reads as the target's value;
   preservation: every other attribute reads unchanged AND the mean centroid
-  error against the target is <= 2 px.
+  error against the target is <= 2 px; strict edit success: also the target's
+  shape in every frame with a stable area and a mean area within 25% of the
+  target's (model/oracle.py, ``shape_stable`` and ``area_close``).
+* strict shape (videos): the caption's shape in EVERY frame and the area's
+  largest / smallest frame ratio <= 1.5; "all attributes, strict shape" uses it.
 * tokenizer reconstruction PSNR (dB) and sketch tokenizer pixel accuracy.
 * "oracle on ground truth": the same oracle on the real targets (should be
   100% / 1.0 / 0 px), so a figure can be read against the oracle's own ceiling.
@@ -92,19 +96,33 @@ class Evaluation:
 # ----------------------------------------------------------------------------- per-task metrics
 
 def _caption(ev: Evaluation, task: str) -> None:
-    """t2i, t2v: the oracle reads the caption's attributes from the output."""
-    from nuwa3dna.model import oracle
+    """t2i, t2v: the oracle reads the caption's attributes from the output; videos also
+    strictly (the caption's shape in every frame, area stable within ``MAX_AREA_RATIO``)."""
     b = ev.batch(task)
     out = ev.generate(task, text=b["text"])
+    _caption_rows(ev, task, out, b["samples"], gt=True)
+
+
+def _caption_rows(ev: Evaluation, task: str, out, samples, gt: bool, label: str = "") -> None:
+    from nuwa3dna.model import oracle
     keys = ev.attribute_keys(task)
-    sc = [oracle.attribute_scores(out[i], s.objects, ev.dcfg) for i, s in enumerate(b["samples"])]
+    video = ev.frames(task) > 1
+    strict = tuple("shape_stable" if k == "shape" else k for k in keys)
+    sc = [oracle.attribute_scores(out[i], s.objects, ev.dcfg) for i, s in enumerate(samples)]
     for k in keys:
-        ev.row(task, f"caption accuracy: {k}", np.mean([x[k] for x in sc]), _pct, TARGETS["caption"])
-    ev.row(task, "caption accuracy: all attributes", np.mean([float(all(x[k] == 1.0 for k in keys)) for x in sc]),
+        ev.row(task, f"{label}caption accuracy: {k}", np.mean([x[k] for x in sc]), _pct, TARGETS["caption"])
+    if video:
+        ev.row(task, f"{label}caption accuracy: shape in every frame, area within "
+                     f"{oracle.MAX_AREA_RATIO}x", np.mean([x["shape_stable"] for x in sc]), _pct,
+               TARGETS["caption"])
+    use = strict if video else keys
+    name = "all attributes, strict shape" if video else "all attributes"
+    ev.row(task, f"{label}caption accuracy: {name}", np.mean([float(all(x[k] == 1.0 for k in use)) for x in sc]),
            _pct)
-    gt = [oracle.attribute_scores(s.video, s.objects, ev.dcfg) for s in b["samples"]]
-    ev.row(task, "oracle on ground truth (all attributes)",
-           np.mean([float(all(x[k] == 1.0 for k in keys)) for x in gt]), _pct)
+    if gt:
+        g = [oracle.attribute_scores(s.video, s.objects, ev.dcfg) for s in samples]
+        ev.row(task, f"{label}oracle on ground truth ({name})",
+               np.mean([float(all(x[k] == 1.0 for k in use)) for x in g]), _pct)
 
 
 def _sketch(ev: Evaluation, task: str) -> None:
@@ -157,29 +175,45 @@ def _prediction(ev: Evaluation, task: str) -> None:
            lambda v: f"{v:.2f}", TARGETS["v2v_px"], better="low")
     sc = [oracle.attribute_scores(out[i], s.objects, ev.dcfg) for i, s in enumerate(b["samples"])]
     ev.row(task, "direction read correctly", np.mean([x["direction"] for x in sc]), _pct)
+    ev.row(task, f"shape in every frame, area within {oracle.MAX_AREA_RATIO}x",
+           np.mean([x["shape_stable"] for x in sc]), _pct)
 
 
 def _edit(ev: Evaluation, task: str) -> None:
-    """ti2i, tv2v: the edited attribute changed, the others and the position kept."""
+    """ti2i, tv2v: the edited attribute changed, the others and the position kept; strictly
+    also the target's shape in every frame (area stable) and its area within ``AREA_TOLERANCE``."""
     from nuwa3dna.model import oracle
     b = ev.batch(task)
     out = ev.generate(task, text=b["text"], source=b["source"])
     frames, keys = ev.frames(task), ev.attribute_keys(task)
-    succ, pres = [], []
+    succ, strict, stable, pres, gt_strict = [], [], [], [], []
     for i, p in enumerate(b["pairs"]):
         r, tgt = _first_reading(out[i], p.target.objects, ev.dcfg), p.target.objects[0]
+        truth = _first_reading(p.target.video, p.target.objects, ev.dcfg)
+        ok_gt = oracle.shape_stable(truth, tgt.shape) and oracle.area_close(truth, truth)
+        gt_strict.append(float(getattr(truth, p.attribute) == getattr(tgt, p.attribute) and ok_gt))
         if r is None:
             succ.append(0.0)
+            strict.append(0.0)
+            stable.append(0.0)
             pres.append(0.0)
             continue
         succ.append(float(getattr(r, p.attribute) == getattr(tgt, p.attribute)))
+        stable.append(float(oracle.shape_stable(r, tgt.shape)))
+        strict.append(float(succ[-1] and stable[-1] and oracle.area_close(r, truth)))
         same = all(getattr(r, k) == getattr(tgt, k) for k in keys if k != p.attribute)
         err = np.mean(oracle.position_errors(r, tgt, range(frames), ev.cfg.image_size))
         pres.append(float(same and err <= 2.0))
     ev.row(task, "edit success", np.mean(succ), _pct, TARGETS["edit"])
     ev.row(task, "preservation (other attributes, position <= 2 px)", np.mean(pres), _pct)
+    if frames > 1:
+        ev.row(task, f"target's shape in every frame, area within {oracle.MAX_AREA_RATIO}x", np.mean(stable),
+               _pct, TARGETS["caption"])
+    ev.row(task, f"edit success, strict (and shape{' in every frame' if frames > 1 else ''}, "
+                 f"area within {100 * oracle.AREA_TOLERANCE:.0f}% of the target's)", np.mean(strict), _pct)
     gt = [oracle.attribute_scores(p.target.video, p.target.objects, ev.dcfg)[p.attribute] for p in b["pairs"]]
     ev.row(task, "oracle on ground truth (edit success)", np.mean(gt), _pct)
+    ev.row(task, "oracle on ground truth (edit success, strict)", np.mean(gt_strict), _pct)
 
 
 METRICS: Dict[str, Callable[[Evaluation, str], None]] = {
