@@ -6,7 +6,10 @@ consecutive rows of one (frames*bh*bw, D) matrix (``layout.tile_rows``), so one
 bmm scores them all, each key/value halo is read once per frame rather than once
 per query frame, and the bmm is taller (48 rows for cpu-mid, faster than 16).
 The softmax runs online across key frames (running max, sum and rescaled
-accumulator per query, FlashAttention style).
+accumulator per query, FlashAttention style). Grouped queries (k, v with
+Hk < Hq heads) keep k and v at Hk heads and stack a group's G query heads in
+the same bmm (G times taller); a relative position bias replaces the window
+mask by the per-call table of ``bias.TileBias`` (mask and bias in one add).
 
 Numerics: scores, softmax and accumulation in float32 (float64 for float64
 inputs, used by gradcheck). Nothing is (queries x keys): one chunk of scores of
@@ -15,8 +18,11 @@ about ``chunk_elems`` per worker.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from nuwa3dna.kernels.cpu.bias import TileBias, tile_index
 
 from nuwa3dna.kernels.cpu.layout import relay, strips_kv, tile_rows, unrelay, untile_rows
 from nuwa3dna.kernels.cpu.planner import PLAIN, CpuConfig, Geometry, plan, window_bias
@@ -33,27 +39,43 @@ class Call:
     bias: torch.Tensor          # (1 + causal, nht, ns, nq, nk)
     ws: Workspace
     workers: int
-    BH: int
+    BH: int                     # batch * kv heads
     max_nf: int                 # most query frames stacked on one key frame
+    G: int = 1                  # query heads per kv head, stacked in one bmm
+    Hk: int = 1                 # kv heads
+    rel: Optional[TileBias] = None      # relative position bias (with the mask), or None
 
 
-def setup(q, k, extent, causal: bool, config: CpuConfig, workers: int, opts: Options = PLAIN) -> Call:
+def setup(q, k, extent, causal: bool, config: CpuConfig, workers: int, opts: Options = PLAIN,
+          rel_bias=None) -> Call:
     B, T, H, W, heads, _ = q.shape
+    Hk = k.shape[4]
     q_grid, kv_grid = (T, H, W), tuple(k.shape[1:4])
     g = plan(q_grid, kv_grid, tuple(extent), causal, config, opts)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     bias = window_bias(q_grid, kv_grid, tuple(extent), causal, g, acc, config.mask_cache_limit, opts)
     if bias.device != q.device:     # masks are built (and cached) on the CPU
         bias = bias.to(q.device)
-    return Call(g, acc, bias, workspace(), workers, B * heads, g.max_nf)
+    ws, rel = workspace(), None
+    if rel_bias is not None:
+        ti = tile_index(q_grid, kv_grid, tuple(extent), causal, g, opts, config.mask_cache_limit)
+        rel = TileBias(rel_bias, ti, Hk, acc, ws, q.device)
+    return Call(g, acc, bias, ws, workers, B * Hk, g.max_nf, heads // Hk, Hk, rel)
 
 
 def chunks(c: Call, config: CpuConfig, min_parts: int = 1):
-    """Ranges of batch*head so that one chunk of scores (nf, BH_chunk*ns, nq, nk) is ~chunk_elems."""
+    """Ranges of batch*kv head so that one chunk of scores (nf, BH_chunk*ns, G*nq, nk) is ~chunk_elems.
+    With a bias a range never straddles two batch entries unless it holds whole ones (the
+    bias then broadcasts over the batch: ``TileBias.add``)."""
     g = c.g
-    per = max(1, c.max_nf * g.ns * g.bh * g.bw * g.lh * g.lw)
+    per = max(1, c.max_nf * g.ns * c.G * g.bh * g.bw * g.lh * g.lw)
     step = max(1, min(-(-c.BH // min_parts), config.chunk_elems // per))
-    return [(b0, min(c.BH, b0 + step)) for b0 in range(0, c.BH, step)]
+    if c.rel is None:
+        return [(b0, min(c.BH, b0 + step)) for b0 in range(0, c.BH, step)]
+    if step >= c.Hk:
+        step -= step % c.Hk
+        return [(b0, min(c.BH, b0 + step)) for b0 in range(0, c.BH, step)]
+    return [(e + h0, e + min(c.Hk, h0 + step)) for e in range(0, c.BH, c.Hk) for h0 in range(0, c.Hk, step)]
 
 
 @dataclass(frozen=True)
@@ -70,6 +92,7 @@ class Block:
     M: int
     nk: int
     halo: slice       # key rows of the tile's halo in the padded strip layout
+    run: int = 0      # index of (a, t0, t1) in ``Geometry.runs``
 
     def queries(self, x: torch.Tensor, ns: int) -> torch.Tensor:
         """Rows of a ``tile_rows`` layout (nht, BH*ns, T, nq, *rest): an (n, M, *rest) view
@@ -81,31 +104,42 @@ class Block:
         return x[self.b0:self.b1, :, self.a, self.halo].view(self.n, self.nk, x.shape[-1])
 
 
-def blocks(g: Geometry, groups):
+def blocks(g: Geometry, groups, G: int = 1):
     """The loop steps of ``groups`` (b0, b1, j), key frames in order (``Geometry.runs``: one step per
     contiguous run of query frames that see a key frame); frames nobody sees are skipped."""
     for b0, b1, j in groups:
         halo = slice(g.row_start[j], g.row_start[j] + g.lh)
-        for a, t0, t1 in g.runs:
-            yield Block(b0, b1, j, a, t0, t1, (b1 - b0) * g.ns, (t1 - t0) * g.bh * g.bw, g.lh * g.lw, halo)
+        for r, (a, t0, t1) in enumerate(g.runs):
+            yield Block(b0, b1, j, a, t0, t1, (b1 - b0) * g.ns, (t1 - t0) * G * g.bh * g.bw, g.lh * g.lw,
+                        halo, r)
 
 
-def add_window_bias(s: torch.Tensor, bias: torch.Tensor, j: int, own_frame_first: bool) -> None:
-    """Add row tile ``j``'s mask to scores ``s`` (b, ns, nf, nq, nk) in place. When the
-    first stacked query frame is the key frame itself (causal), it gets the raster mask."""
+def add_window_bias(s: torch.Tensor, bias: torch.Tensor, j: int, own_frame_first: bool, G: int = 1) -> None:
+    """Add row tile ``j``'s mask to scores ``s`` (b, ns, nf*G, nq, nk) in place. When the
+    first stacked query frame is the key frame itself (causal), its G heads get the raster mask."""
     if own_frame_first:
-        s[:, :, :1].add_(bias[1, j].unsqueeze(1))
-        if s.shape[2] > 1:
-            s[:, :, 1:].add_(bias[0, j].unsqueeze(1))
+        s[:, :, :G].add_(bias[1, j].unsqueeze(1))
+        if s.shape[2] > G:
+            s[:, :, G:].add_(bias[0, j].unsqueeze(1))
     else:
         s.add_(bias[0, j].unsqueeze(1))
 
 
-def guarded(body, q, k, extent, causal: bool, config: CpuConfig, opts: Options = PLAIN):
+def add_mask(s: torch.Tensor, c: Call, blk: Block, causal: bool) -> None:
+    """Window mask (and relative position bias) of one block's scores s (n, M, nk), in place."""
+    g = c.g
+    if c.rel is not None:
+        c.rel.add(s, blk)
+    else:
+        add_window_bias(s.view(blk.b1 - blk.b0, g.ns, -1, g.bh * g.bw, blk.nk), c.bias, blk.j,
+                        causal and blk.t0 == blk.a, c.G)
+
+
+def guarded(body, q, k, extent, causal: bool, config: CpuConfig, opts: Options = PLAIN, rel_bias=None):
     """Run ``body(call)`` for one forward or backward on the lead worker (``workers.on_lead``),
     trimming the workspace afterwards."""
     def run_call(workers):
-        c = setup(q, k, extent, causal, config, workers, opts)
+        c = setup(q, k, extent, causal, config, workers, opts, rel_bias)
         try:
             return body(c)
         finally:
@@ -113,17 +147,20 @@ def guarded(body, q, k, extent, causal: bool, config: CpuConfig, opts: Options =
     return on_lead(run_call, q.device, config.max_workers)
 
 
-def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig, opts: Options = PLAIN):
+def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig, opts: Options = PLAIN,
+            rel_bias=None):
     """Returns (out in q's dtype, lse (B, T, H, W, heads) in the accumulation dtype). Unchecked.
-    ``causal``: raster order; ``opts``: any other window option."""
-    return guarded(lambda c: _forward(q, k, v, causal, scale, c, config), q, k, extent, causal, config, opts)
+    ``causal``: raster order; ``opts``: any other window option; k, v may have fewer heads than
+    q (a divisor); ``rel_bias``: the relative position bias (Hq, 2Rt+1, 2Rh+1, 2Rw+1) or None."""
+    return guarded(lambda c: _forward(q, k, v, causal, scale, c, config), q, k, extent, causal, config, opts,
+                   rel_bias)
 
 
 def _forward(q, k, v, causal, scale, c: Call, config: CpuConfig):
     g, acc, ws = c.g, c.acc, c.ws
-    ns, nq, nk = g.ns, g.bh * g.bw, g.lh * g.lw
+    ns, nk = g.ns, g.lh * g.lw
     q, k, v = relay(q, g, "q"), relay(k, g, "k"), relay(v, g, "k")      # dilated axes by residue
-    qs = tile_rows(q, g, acc, ws, "q", scale)              # (nht, BH*ns, T, nq, D), pre-scaled
+    qs = tile_rows(q, g, acc, ws, "q", scale, c.G)         # (nht, BHk*ns, T, G*nq, D), pre-scaled
     ks, vs = strips_kv(k, v, g, acc, ws, c.workers)        # (BH, ns, T2, h2p, lw, D)
     # Online-softmax state. A query no key frame reached keeps l = 0 and comes
     # out 0/0 = NaN: the accumulator's poison.
@@ -131,15 +168,15 @@ def _forward(q, k, v, causal, scale, c: Call, config: CpuConfig):
     mst = ws.get("m", qs.shape[:-1], acc, q.device).fill_(float("-inf"))
     lst = ws.get("l", qs.shape[:-1], acc, q.device).zero_()
     parts = chunks(c, config)
-    size = c.max_nf * (parts[0][1] - parts[0][0]) * ns * nq * nk
+    size = c.max_nf * max(b1 - b0 for b0, b1 in parts) * ns * c.G * g.bh * g.bw * nk
 
     def work(groups):
         buf = torch.empty(size, dtype=acc, device=q.device)
-        for blk in blocks(g, groups):
+        for blk in blocks(g, groups, c.G):
             n, M = blk.n, blk.M
             s = buf[:n * M * nk].view(n, M, nk)                        # [n, M, nk]
             torch.bmm(blk.queries(qs, ns), blk.keys(ks).transpose(1, 2), out=s)
-            add_window_bias(s.view(blk.b1 - blk.b0, ns, -1, nq, nk), c.bias, blk.j, causal and blk.t0 == blk.a)
+            add_mask(s, c, blk, causal)
             mc, lc, oc = blk.queries(mst, ns), blk.queries(lst, ns), blk.queries(os_, ns)
             m_new = torch.maximum(mc, s.amax(-1))
             alpha = mc.sub_(m_new).exp_()    # exp(m_old - m_new); 0 on the first frame
@@ -151,6 +188,6 @@ def _forward(q, k, v, causal, scale, c: Call, config: CpuConfig):
     groups = [(b0, b1, j) for b0, b1 in parts for j in range(g.nht)]
     run(work, split(groups, config.parts_per_worker * c.workers), c.workers)
     os_.div_(lst.unsqueeze(-1))
-    out = untile_rows(os_, g, q.shape, q.dtype)
-    lse = untile_rows(lst.log_().add_(mst), g, q.shape[:5], acc)
+    out = untile_rows(os_, g, q.shape, q.dtype, groups=c.G)
+    lse = untile_rows(lst.log_().add_(mst), g, q.shape[:5], acc, groups=c.G)
     return unrelay(out, g, "q"), unrelay(lse, g, "q")

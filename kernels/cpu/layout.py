@@ -1,8 +1,10 @@
 """Layouts of the CPU path: query tiles stacked by frame, and key/value column strips.
 
-``tile_rows``: (B, T, H, W, heads, *rest) -> (nht, B*heads*ns, T, bh*bw, *rest):
-for one row tile and (batch, head, strip), consecutive frames are consecutive
-rows, so the query tiles of every frame that sees one key frame are one matrix.
+``tile_rows``: (B, T, H, W, heads, *rest) -> (nht, B*kv_heads*ns, T, G*bh*bw, *rest):
+for one row tile and (batch, kv head, strip), consecutive frames are consecutive
+rows, so the query tiles of every frame that sees one key frame are one matrix;
+with grouped queries (G = heads / kv_heads > 1) the G query heads of a group sit
+inside each frame's rows, so one bmm scores the whole group against its keys.
 ``strips``: (B, T2, H2, W2, heads, D) -> (B*heads, ns, T2, h2p, lw, D), zeros
 outside the grid: the keys a tile sees in one key frame are one contiguous
 (lh*lw, D) matrix. All copies land in the calling thread's workspace, up-cast to
@@ -38,25 +40,35 @@ def _copy_scaled(src: torch.Tensor, out: torch.Tensor, scale: float) -> None:
 
 
 def tile_rows(x: torch.Tensor, g: Geometry, dtype, ws: Workspace, name: str,
-              scale: float = 1.0) -> torch.Tensor:
-    """(B, T, H, W, heads, *rest) -> (nht, B*heads*ns, T, bh*bw, *rest) in ``dtype``, zero padded."""
+              scale: float = 1.0, groups: int = 1) -> torch.Tensor:
+    """(B, T, H, W, heads, *rest) -> (nht, B*(heads/groups)*ns, T, groups*bh*bw, *rest) in ``dtype``,
+    zero padded; ``groups`` consecutive heads (one kv head's query heads) share rows."""
     B, T, _, _, heads = x.shape[:5]
     rest = tuple(x.shape[5:])
-    src = _split_tiles(x, g).permute((2, 0, 6, 4, 1, 3, 5) + tuple(range(7, 7 + len(rest))))
+    if groups == 1:
+        src = _split_tiles(x, g).permute((2, 0, 6, 4, 1, 3, 5) + tuple(range(7, 7 + len(rest))))
+    else:
+        src = _split_tiles(x, g).unflatten(6, (heads // groups, groups))
+        src = src.permute((2, 0, 6, 4, 1, 7, 3, 5) + tuple(range(8, 8 + len(rest))))
     out = ws.get(name, src.shape, dtype, x.device)
     _copy_scaled(src, out, scale)
-    return out.reshape((g.nht, B * heads * g.ns, T, g.bh * g.bw) + rest)
+    return out.reshape((g.nht, B * heads // groups * g.ns, T, groups * g.bh * g.bw) + rest)
 
 
-def untile_rows(xt: torch.Tensor, g: Geometry, shape, dtype, scale: float = 1.0) -> torch.Tensor:
-    """Inverse of ``tile_rows``: (nht, BH*ns, T, nq, *rest) -> (B, T, H, W, heads, *rest), new memory."""
+def untile_rows(xt: torch.Tensor, g: Geometry, shape, dtype, scale: float = 1.0,
+                groups: int = 1) -> torch.Tensor:
+    """Inverse of ``tile_rows``: (nht, BHk*ns, T, G*nq, *rest) -> (B, T, H, W, heads, *rest), new memory."""
     B, T, H, W, heads = shape[:5]
     rest = tuple(shape[5:])
     Hp, Wp = g.nht * g.bh, g.ns * g.bw
-    src = xt.reshape((g.nht, B, heads, g.ns, T, g.bh, g.bw) + rest)
-    src = src.permute((1, 4, 0, 5, 3, 6, 2) + tuple(range(7, 7 + len(rest))))
+    if groups == 1:
+        src = xt.reshape((g.nht, B, heads, g.ns, T, g.bh, g.bw) + rest)
+        src = src.permute((1, 4, 0, 5, 3, 6, 2) + tuple(range(7, 7 + len(rest))))
+    else:
+        src = xt.reshape((g.nht, B, heads // groups, g.ns, T, groups, g.bh, g.bw) + rest)
+        src = src.permute((1, 4, 0, 6, 3, 7, 2, 5) + tuple(range(8, 8 + len(rest))))
     out = torch.empty((B, T, Hp, Wp, heads) + rest, dtype=dtype, device=xt.device)
-    dst = out.view((B, T, g.nht, g.bh, g.ns, g.bw, heads) + rest)
+    dst = out.view((B, T, g.nht, g.bh, g.ns, g.bw) + tuple(src.shape[6:]))
     if scale != 1.0:
         torch.mul(src, scale, out=dst)     # src is in the accumulation dtype
     else:
@@ -65,7 +77,8 @@ def untile_rows(xt: torch.Tensor, g: Geometry, shape, dtype, scale: float = 1.0)
 
 
 def strips(x: torch.Tensor, g: Geometry, dtype, ws: Workspace, name: str) -> torch.Tensor:
-    """(B, T2, H2, W2, heads, D) -> (B*heads, ns, T2, h2p, lw, D), zeros outside the grid.
+    """(B, T2, H2, W2, heads, D) -> (B*heads, ns, T2, h2p, lw, D), zeros outside the grid (k and v
+    keep their own head count: grouped queries never copy them per query head).
 
     Two copies: one to a zero-bordered (B, heads, T2, h2p, wpad, D) grid, then one
     per strip, each moving contiguous runs of lw*D values (a direct

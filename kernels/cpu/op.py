@@ -39,13 +39,12 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def torch_fwd(q: Tensor, k: Tensor, v: Tensor, extent: List[int], causal: bool,
               scale: float, window: Optional[List[int]] = None,
               bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    _unsupported(q, k, bias)
     config, opts = planner.DEFAULT, Options.decode(window)
-    impl = sdpa.forward if _fused(q, k, extent, causal, config, opts) else forward
-    return impl(q, k, v, tuple(extent), causal, scale, config, opts)
+    impl = sdpa.forward if _fused(q, k, extent, causal, config, opts, bias) else forward
+    return impl(q, k, v, tuple(extent), causal, scale, config, opts, bias)
 
 
-def _fused(q, k, extent, causal, config, opts) -> bool:
+def _fused(q, k, extent, causal, config, opts, bias=None) -> bool:
     if q.device.type != "cpu":      # the fused kernel (aten's flash attention for CPU) runs on CPU only
         return False
     return sdpa.use_sdpa(q.shape[1:4], k.shape[1:4], extent, causal, config, opts)
@@ -61,20 +60,14 @@ def torch_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
               lse: Tensor, extent: List[int], causal: bool, scale: float,
               window: Optional[List[int]] = None,
               bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    _unsupported(q, k, bias)
     config, opts = planner.DEFAULT, Options.decode(window)
-    # The fused kernel's backward forms delta = rowsum(dO * O) itself, with no way to
-    # subtract a used log-sum-exp's gradient: such calls take the tile backward.
-    fused = dlse is None and _fused(q, k, extent, causal, config, opts)
-    impl = sdpa.backward if fused else backward
-    return impl(dout, dlse, q, k, v, out, lse, tuple(extent), causal, scale, config, opts) + (no_bias_grad(q),)
-
-
-def _unsupported(q, k, bias) -> None:
-    if bias is not None:
-        raise NotImplementedError("backend='torch' does not take a relative position bias yet")
-    if k.shape[4] != q.shape[4]:
-        raise NotImplementedError("backend='torch' does not take fewer key/value heads than query heads yet")
+    # The fused kernel's backward returns no gradient of its mask: d_bias needs the tile backward.
+    fused = bias is None and _fused(q, k, extent, causal, config, opts) and sdpa.takes_dlse(dlse, q)
+    if fused:
+        return sdpa.backward(dout, dlse, q, k, v, out, lse, tuple(extent), causal, scale, config, opts) \
+            + (no_bias_grad(q),)
+    grads = backward(dout, dlse, q, k, v, out, lse, tuple(extent), causal, scale, config, opts, bias)
+    return grads if bias is not None else grads + (no_bias_grad(q),)
 
 
 wire(torch_fwd, torch_bwd)
