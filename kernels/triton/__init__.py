@@ -2,7 +2,8 @@
 
 Reads top-down: ``jit`` (jit helpers and the key walk shared by the forward
 and dQ kernels) -> ``forward`` (forward kernel) -> ``backward`` (preprocess,
-dK/dV, dQ kernels) -> ``plan`` (exact computed-pair counts) -> ``tables`` /
+dK/dV, dQ kernels) -> ``relayout`` (the window tables of the v2 options) -> ``plan``
+(exact computed-pair counts) -> ``tables`` /
 ``configs`` (per-architecture launch tables, tile planner, ``pick_configs``)
 -> ``launch`` (launchers returning (kernel, grid, args, meta), ``forward()`` /
 ``backward()`` drivers) -> ``op`` (the
@@ -14,7 +15,12 @@ Semantics are those of docs/design.md section 1 / ``nuwa3dna.kernels.geometry``:
 query (t, h, w) of grid (T, H, W) is centred at (t*T2//T, h*H2//H, w*W2//W)
 in the key grid (T2, H2, W2); a key is visible iff it lies within the
 (clipped) window of radius ``extent`` on every axis and, when causal, its
-raster index is <= the query's.
+raster index is <= the query's. The v2 window options (docs/design.md section 7:
+dilation, stride, per-axis causal, shifted borders, asymmetric windows) take
+the kernels' table path (the ``TABLES`` constexpr): each axis re-laid by
+residue so every window is a contiguous run, windows and their inverses read
+from small per-axis int32 tables (``relayout``), the grid addressed through
+them (no copies); the plain case keeps the closed-form arithmetic, unchanged.
 
 Tiling. A program owns a 3D query tile (BT x BH x BW queries, flattened to
 BLOCK_Q rows) of one (batch, head). The tile's windows, unioned per axis,

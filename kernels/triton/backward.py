@@ -2,8 +2,9 @@
 
 ``delta = rowsum(dO * O)`` in a preprocess kernel; dK/dV with one program
 per 3D key tile that walks the query tiles whose windows reach it (the
-inverse of the rescaled centre map, as ``geometry.query_range``; causal skips
-a head of that walk); dQ walks the forward's key box (``jit.query_walk``).
+inverse of the rescaled centre map, as ``geometry.query_range``, or with
+TABLES the window tables' q0, q1; causal skips a head of that walk); dQ walks
+the forward's key box (``jit.query_walk``).
 Every output element is written by exactly one program: deterministic, no atomics.
 """
 from __future__ import annotations
@@ -12,8 +13,8 @@ import triton
 import triton.language as tl
 
 from nuwa3dna.kernels.triton.jit import (
-    C_LOG2E, RUNTIME_SIZES, dot, dot_acc, key_mask, key_tile, load_rows, program_tile, query_range,
-    query_walk, store_rows, tile_coords, tile_mask, token_offsets)
+    C_LOG2E, RUNTIME_SIZES, axis_tables, dot, dot_acc, key_mask, key_tile, load_rows, program_tile,
+    query_range, query_walk, store_rows, tile_coords, tile_mask, token_offsets)
 
 
 @triton.jit(do_not_specialize=("T", "H", "W", "n_heads"))
@@ -51,7 +52,7 @@ def bwd_preprocess_kernel(
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, TAB,
     sq_b, sq_t, sq_h, sq_w, sq_n, sq_d,
     sk_b, sk_t, sk_h, sk_w, sk_n, sk_d,
     sv_b, sv_t, sv_h, sv_w, sv_n, sv_d,
@@ -61,7 +62,7 @@ def bwd_dkdv_kernel(
     T, H, W, T2, H2, W2, ET, EH, EW, n_heads, D, scale, qk_scale,
     BH: tl.constexpr, BW: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
-    WIDE_IDX: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+    WIDE_IDX: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, TABLES: tl.constexpr,
 ):
     """dK, dV of one 3D key tile (KT x KH x KW), summed over every query whose window reaches it.
 
@@ -72,7 +73,9 @@ def bwd_dkdv_kernel(
     Pointers: Q, DO (B, T, H, W, heads, D); K, V, DK, DV (B, T2, H2, W2, heads, D);
     any strides; LSE (natural) and DELTA float32 (B, heads, T, H, W) contiguous.
     The queries are walked in 1 x BH x BW tiles over the ranges of
-    ``geometry.query_range`` per axis (rescaled centres inverted).
+    ``geometry.query_range`` per axis (rescaled centres inverted). TABLES (v2
+    window options): key and query tiles in re-laid coordinates, the ranges read
+    from the tables at TAB (``relayout``), memory at grid positions; else TAB is None.
     Grid: (B * heads * cdiv(T2, KT) * cdiv(H2, KH) * cdiv(W2, KW),).
     """
     BLOCK_Q: tl.constexpr = BH * BW
@@ -83,20 +86,37 @@ def bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     kt, kh, kw = tile_coords(tl.arange(0, BLOCK_K), a0, b0, c0, KT, KH, KW)  # [BLOCK_K] each
     k_ok = (kt < T2) & (kh < H2) & (kw < W2)                            # [BLOCK_K]
-    k = load_rows(K + b * sk_b + hd * sk_n, token_offsets(kt, kh, kw, sk_t, sk_h, sk_w), k_ok,
+    if TABLES:
+        _, _, PQT, PKT, Q0T, Q1T = axis_tables(TAB, 0, T, H, W, T2, H2, W2)
+        _, _, PQH, PKH, Q0H, Q1H = axis_tables(TAB, 1, T, H, W, T2, H2, W2)
+        _, _, PQW, PKW, Q0W, Q1W = axis_tables(TAB, 2, T, H, W, T2, H2, W2)
+        mkt = tl.load(PKT + kt, mask=k_ok, other=0)                     # [BLOCK_K] grid coordinates
+        mkh = tl.load(PKH + kh, mask=k_ok, other=0)                     # [BLOCK_K]
+        mkw = tl.load(PKW + kw, mask=k_ok, other=0)                     # [BLOCK_K]
+    else:
+        mkt, mkh, mkw = kt, kh, kw
+    k = load_rows(K + b * sk_b + hd * sk_n, token_offsets(mkt, mkh, mkw, sk_t, sk_h, sk_w), k_ok,
                   offs_d, sk_d, D, EVEN_D)                              # [BLOCK_K, BLOCK_D]
     if DO_DK:
-        v = load_rows(V + b * sv_b + hd * sv_n, token_offsets(kt, kh, kw, sv_t, sv_h, sv_w), k_ok,
+        v = load_rows(V + b * sv_b + hd * sv_n, token_offsets(mkt, mkh, mkw, sv_t, sv_h, sv_w), k_ok,
                       offs_d, sv_d, D, EVEN_D)                          # [BLOCK_K, BLOCK_D]
     Q += b * sq_b + hd * sq_n
     DO += b * sdo_b + hd * sdo_n
     LSE += bh.to(tl.int64) * (T * H * W)
     DELTA += bh.to(tl.int64) * (T * H * W)
-    rk = (kt * H2 + kh) * W2 + kw                                       # [BLOCK_K] raster
+    rk = (kt * H2 + kh) * W2 + kw                                       # [BLOCK_K] raster (walked coordinates)
     # Per key, the queries that see it per axis (loop invariant, half-open).
-    qt0, qt1 = query_range(kt, kt, T, T2, ET, WIDE_IDX)                 # [BLOCK_K] each
-    qh0, qh1 = query_range(kh, kh, H, H2, EH, WIDE_IDX)
-    qw0, qw1 = query_range(kw, kw, W, W2, EW, WIDE_IDX)
+    if TABLES:
+        qt0 = tl.load(Q0T + kt, mask=k_ok, other=0)                     # [BLOCK_K] each
+        qt1 = tl.load(Q1T + kt, mask=k_ok, other=0)
+        qh0 = tl.load(Q0H + kh, mask=k_ok, other=0)
+        qh1 = tl.load(Q1H + kh, mask=k_ok, other=0)
+        qw0 = tl.load(Q0W + kw, mask=k_ok, other=0)
+        qw1 = tl.load(Q1W + kw, mask=k_ok, other=0)
+    else:
+        qt0, qt1 = query_range(kt, kt, T, T2, ET, WIDE_IDX)             # [BLOCK_K] each
+        qh0, qh1 = query_range(kh, kh, H, H2, EH, WIDE_IDX)
+        qw0, qw1 = query_range(kw, kw, W, W2, EW, WIDE_IDX)
     ih = offs_q // BW                                                   # [BLOCK_Q] row in query tile
     iw = offs_q % BW                                                    # [BLOCK_Q]
     ihw = ih * W + iw                                                   # [BLOCK_Q] raster offset in tile
@@ -104,9 +124,14 @@ def bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)                       # [BLOCK_K, BLOCK_D]
     dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)                       # [BLOCK_K, BLOCK_D]
 
-    t_lo, t_hi = query_range(a0, a_last, T, T2, ET, WIDE_IDX)
-    h_lo, h_hi = query_range(b0, b_last, H, H2, EH, WIDE_IDX)
-    w_lo, w_hi = query_range(c0, c_last, W, W2, EW, WIDE_IDX)
+    if TABLES:                                                          # the tile's query ranges
+        t_lo, t_hi = tl.load(Q0T + a0), tl.load(Q1T + a_last)
+        h_lo, h_hi = tl.load(Q0H + b0), tl.load(Q1H + b_last)
+        w_lo, w_hi = tl.load(Q0W + c0), tl.load(Q1W + c_last)
+    else:
+        t_lo, t_hi = query_range(a0, a_last, T, T2, ET, WIDE_IDX)
+        h_lo, h_hi = query_range(b0, b_last, H, H2, EH, WIDE_IDX)
+        w_lo, w_hi = query_range(c0, c_last, W, W2, EW, WIDE_IDX)
     n_h = tl.cdiv(h_hi - h_lo, BH)
     n_w = tl.cdiv(w_hi - w_lo, BW)
     start = 0
@@ -129,11 +154,17 @@ def bwd_dkdv_kernel(
         qw = w + iw                                                     # [BLOCK_Q]
         # Queries past the range ends see nothing of this key tile.
         q_ok = (qh < h_hi) & (qw < w_hi)                                # [BLOCK_Q]
-        q = load_rows(Q, token_offsets(t, qh, qw, sq_t, sq_h, sq_w), q_ok,
+        if TABLES:
+            mt = tl.load(PQT + t)                                       # grid coordinates
+            mh = tl.load(PQH + qh, mask=q_ok, other=0)                  # [BLOCK_Q]
+            mw = tl.load(PQW + qw, mask=q_ok, other=0)                  # [BLOCK_Q]
+        else:
+            mt, mh, mw = t, qh, qw
+        q = load_rows(Q, token_offsets(mt, mh, mw, sq_t, sq_h, sq_w), q_ok,
                       offs_d, sq_d, D, EVEN_D)                          # [BLOCK_Q, BLOCK_D]
-        do = load_rows(DO, token_offsets(t, qh, qw, sdo_t, sdo_h, sdo_w), q_ok,
+        do = load_rows(DO, token_offsets(mt, mh, mw, sdo_t, sdo_h, sdo_w), q_ok,
                        offs_d, sdo_d, D, EVEN_D)                        # [BLOCK_Q, BLOCK_D]
-        rq = (t * H + qh) * W + qw                                      # [BLOCK_Q]
+        rq = (mt * H + mh) * W + mw                                     # [BLOCK_Q] grid raster
         lse2 = tl.load(LSE + rq, mask=q_ok, other=0.0) * C_LOG2E        # [BLOCK_Q]
         # The range ends h_hi, w_hi also hide the tile's queries past them.
         vis_t = tile_mask(frame_ok, qh0 - h, tl.minimum(qh1, h_hi) - h - 1,
@@ -151,16 +182,16 @@ def bwd_dkdv_kernel(
             dk = dot_acc(dk, ds_t, q, UPCAST_DOT)                       # [BLOCK_K, BLOCK_D]
 
     if DO_DK:
-        store_rows(DK + b * sdk_b + hd * sdk_n, token_offsets(kt, kh, kw, sdk_t, sdk_h, sdk_w), k_ok,
+        store_rows(DK + b * sdk_b + hd * sdk_n, token_offsets(mkt, mkh, mkw, sdk_t, sdk_h, sdk_w), k_ok,
                    offs_d, sdk_d, D, (dk * scale).to(DK.dtype.element_ty), EVEN_D)
     if DO_DV:
-        store_rows(DV + b * sdv_b + hd * sdv_n, token_offsets(kt, kh, kw, sdv_t, sdv_h, sdv_w), k_ok,
+        store_rows(DV + b * sdv_b + hd * sdv_n, token_offsets(mkt, mkh, mkw, sdv_t, sdv_h, sdv_w), k_ok,
                    offs_d, sdv_d, D, dv.to(DV.dtype.element_ty), EVEN_D)
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, TAB,
     sq_b, sq_t, sq_h, sq_w, sq_n, sq_d,
     sk_b, sk_t, sk_h, sk_w, sk_n, sk_d,
     sv_b, sv_t, sv_h, sv_w, sv_n, sv_d,
@@ -169,9 +200,10 @@ def bwd_dq_kernel(
     T, H, W, T2, H2, W2, ET, EH, EW, n_heads, D, scale, qk_scale,
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
-    WIDE_IDX: tl.constexpr,
+    WIDE_IDX: tl.constexpr, TABLES: tl.constexpr,
 ):
-    """dQ of one 3D query tile: walks the same key box and 1 x KH x KW key tiles as the forward.
+    """dQ of one 3D query tile: walks the same key box and 1 x KH x KW key tiles as the forward
+    (TABLES and TAB as there).
 
     Pointers: Q, DO, DQ (B, T, H, W, heads, D); K, V (B, T2, H2, W2, heads, D);
     any strides; LSE (natural) and DELTA float32 (B, heads, T, H, W) contiguous.
@@ -179,7 +211,8 @@ def bwd_dq_kernel(
     """
     BLOCK_Q: tl.constexpr = BT * BH * BW
     bh, b, hd, qt, qh, qw, q_ok, rq, walk, n_iter = query_walk(
-        tl.program_id(0), T, H, W, T2, H2, W2, ET, EH, EW, n_heads, BT, BH, BW, KH, KW, CAUSAL, WIDE_IDX)
+        tl.program_id(0), T, H, W, T2, H2, W2, ET, EH, EW, n_heads, TAB, BT, BH, BW, KH, KW, CAUSAL, WIDE_IDX,
+        TABLES)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(Q + b * sq_b + hd * sq_n, token_offsets(qt, qh, qw, sq_t, sq_h, sq_w),
                   q_ok, offs_d, sq_d, D, EVEN_D)                        # [BLOCK_Q, BLOCK_D]
@@ -194,8 +227,8 @@ def bwd_dq_kernel(
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)                       # [BLOCK_Q, BLOCK_D]
     for it in range(0, n_iter):
         a, bb, c, k, v = key_tile(it, walk, K, V, (sk_t, sk_h, sk_w, sk_d), (sv_t, sv_h, sv_w, sv_d),
-                                  offs_d, D, H2, W2, KH, KW, EVEN_D)   # k, v: [BLOCK_K, BLOCK_D]
-        vis = key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL)              # [BLOCK_Q, BLOCK_K]
+                                  offs_d, D, H2, W2, KH, KW, EVEN_D, TABLES)  # [BLOCK_K, BLOCK_D] each
+        vis = key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL, TABLES)      # [BLOCK_Q, BLOCK_K]
         s = dot(q, tl.trans(k), UPCAST_DOT) * qk_scale                  # [BLOCK_Q, BLOCK_K]
         p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)         # [BLOCK_Q, BLOCK_K]
         dp = dot(do, tl.trans(v), UPCAST_DOT)                           # [BLOCK_Q, BLOCK_K]

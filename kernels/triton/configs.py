@@ -13,8 +13,9 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from nuwa3dna.kernels.env import interpreter_enabled
-from nuwa3dna.kernels.triton import plan
+from nuwa3dna.kernels.triton import plan, relayout
 from nuwa3dna.kernels.triton.tables import LAUNCH_TABLES
+from nuwa3dna.kernels.windows import Options
 
 Tile = Tuple[int, int, int]
 
@@ -73,7 +74,8 @@ def _shapes(n: int, grid: Tile, max_t: Optional[int] = None):
 
 
 @functools.lru_cache(maxsize=256)
-def plan_tiles(kind: str, q_grid, kv_grid, extent, causal: bool, block_outer: int, block_inner: int):
+def plan_tiles(kind: str, q_grid, kv_grid, extent, causal: bool, block_outer: int, block_inner: int,
+               options: Options = Options()):
     """Tile shapes (q_tile, k_tile) of kernel ``kind`` minimising the computed score pairs.
 
     The count is exact (``plan.computed_pairs``: the kernels' own loop bounds,
@@ -89,14 +91,18 @@ def plan_tiles(kind: str, q_grid, kv_grid, extent, causal: bool, block_outer: in
     so causal skipping removed almost nothing); nuwa-image forward 1x8x8 / 1x8x8,
     11.4% (1x2x32: 6.9%); gpu-large forward 1x8x8 / 1x4x16, 19.4% (2x2x16 / 1x8x8:
     18.2%). Text grids (1x1xL) get 1x1x64 tiles.
+
+    With v2 window ``options`` the count is the table path's (``relayout``: tiles of
+    re-laid queries, key boxes from the window tables).
     """
     q_grid, kv_grid, extent = tuple(q_grid), tuple(kv_grid), tuple(extent)
+    tables = None if options.plain else relayout.window_tables(q_grid, kv_grid, extent, options)
     outer_grid, inner_grid = (kv_grid, q_grid) if kind == "dkdv" else (q_grid, kv_grid)
     best = None
     for outer in _shapes(block_outer, outer_grid):
         for inner in _shapes(block_inner, inner_grid, max_t=1):
             q_tile, k_tile = (inner, outer) if kind == "dkdv" else (outer, inner)
-            w = plan.computed_pairs(kind, q_grid, kv_grid, extent, causal, q_tile, k_tile)
+            w = plan.computed_pairs(kind, q_grid, kv_grid, extent, causal, q_tile, k_tile, tables)
             key = (w, -outer[2], -inner[2])     # ties: wider rows (contiguous rows of the grid)
             if best is None or key < best[0]:
                 best = (key, q_tile, k_tile)
@@ -134,26 +140,27 @@ def device_arch(device) -> int:
 
 
 def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype,
-                 arch: int = 90, causal: bool = False) -> Dict[str, LaunchConfig]:
+                 arch: int = 90, causal: bool = False, options: Optional[Options] = None) -> Dict[str, LaunchConfig]:
     """Launch configs of the four kernels on ``arch`` (a capability such as 89, or a family);
     the report compiles exactly these.
 
     Rows per program, rows walked, warps and stages come from the family's
     LAUNCH_TABLES entry by dtype class and padded head dim (e.g. 64 x 64 at D <= 64
     in 16-bit on sm_90); the (t, h, w) shapes of those tiles from plan_tiles on the
-    actual grids and causal flag (the causal skips change which shapes are best).
+    actual grids, causal flag (the causal skips change which shapes are best) and v2
+    window ``options`` (``causal`` is raster order; per-axis causality is in ``options``).
     """
     q_grid, kv_grid, extent = tuple(q_grid), tuple(kv_grid), tuple(extent)
     block_d = block_d_for(D)
     table = LAUNCH_TABLES[arch_family(arch)]["fp32" if dtype == torch.float32 else "16bit"]
     out = {}
-    causal = bool(causal)
+    causal, options = bool(causal), options or Options()
     for kind in ("fwd", "dq"):
         e = table[kind][block_d]
-        q_tile, k_tile = plan_tiles(kind, q_grid, kv_grid, extent, causal, e.outer, e.inner)
+        q_tile, k_tile = plan_tiles(kind, q_grid, kv_grid, extent, causal, e.outer, e.inner, options)
         out[kind] = LaunchConfig(kind, q_tile, k_tile, block_d, e.num_warps, e.num_stages)
     e = table["dkdv"][block_d]
-    q_tile, k_tile = plan_tiles("dkdv", q_grid, kv_grid, extent, causal, e.outer, e.inner)
+    q_tile, k_tile = plan_tiles("dkdv", q_grid, kv_grid, extent, causal, e.outer, e.inner, options)
     out["dkdv"] = LaunchConfig("dkdv", q_tile, k_tile, block_d, e.num_warps, e.num_stages, e.split_dkdv)
     # delta is a streaming row sum: 2048 / block_d rows keep 16 values per thread
     # and tensor (64 rows at D=64 float32 spilled on sm_90).

@@ -16,7 +16,7 @@ from nuwa3dna.kernels.triton.jit import (
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, TAB,
     sq_b, sq_t, sq_h, sq_w, sq_n, sq_d,
     sk_b, sk_t, sk_h, sk_w, sk_n, sk_d,
     sv_b, sv_t, sv_h, sv_w, sv_n, sv_d,
@@ -24,7 +24,7 @@ def fwd_kernel(
     T, H, W, T2, H2, W2, ET, EH, EW, n_heads, D, qk_scale,
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
-    WIDE_IDX: tl.constexpr,
+    WIDE_IDX: tl.constexpr, TABLES: tl.constexpr,
 ):
     """Forward of one query tile (BT x BH x BW queries, BLOCK_Q rows) of one (batch, head).
 
@@ -32,13 +32,16 @@ def fwd_kernel(
     strides (in elements); LSE float32 (B, heads, T, H, W) contiguous, natural log.
     ET, EH, EW: resolved radii. qk_scale = scale * log2(e). Key tiles are
     1 x KH x KW (one key frame per tile, so the frame test is per query row).
+    TABLES (v2 window options): TAB int32 window tables (``relayout.packed``), tiles
+    in re-laid coordinates, memory and LSE at grid positions; else TAB is None.
     Grid: (B * heads * cdiv(T, BT) * cdiv(H, BH) * cdiv(W, BW),); consecutive
     programs are neighbouring query tiles of one (batch, head), whose key boxes
     overlap, so K/V are reused from L2.
     """
     BLOCK_Q: tl.constexpr = BT * BH * BW
     bh, b, hd, qt, qh, qw, q_ok, rq, walk, n_iter = query_walk(
-        tl.program_id(0), T, H, W, T2, H2, W2, ET, EH, EW, n_heads, BT, BH, BW, KH, KW, CAUSAL, WIDE_IDX)
+        tl.program_id(0), T, H, W, T2, H2, W2, ET, EH, EW, n_heads, TAB, BT, BH, BW, KH, KW, CAUSAL, WIDE_IDX,
+        TABLES)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(Q + b * sq_b + hd * sq_n, token_offsets(qt, qh, qw, sq_t, sq_h, sq_w),
                   q_ok, offs_d, sq_d, D, EVEN_D)                        # [BLOCK_Q, BLOCK_D]
@@ -50,9 +53,9 @@ def fwd_kernel(
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)                      # [BLOCK_Q, BLOCK_D]
     for it in range(0, n_iter):
         a, bb, c, k, v = key_tile(it, walk, K, V, (sk_t, sk_h, sk_w, sk_d), (sv_t, sv_h, sv_w, sv_d),
-                                  offs_d, D, H2, W2, KH, KW, EVEN_D)   # k, v: [BLOCK_K, BLOCK_D]
+                                  offs_d, D, H2, W2, KH, KW, EVEN_D, TABLES)  # [BLOCK_K, BLOCK_D] each
         s = dot(q, tl.trans(k), UPCAST_DOT) * qk_scale                  # [BLOCK_Q, BLOCK_K]
-        s = tl.where(key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL), s, float("-inf"))
+        s = tl.where(key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL, TABLES), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))                           # [BLOCK_Q]
         p = tl.math.exp2(s - m_new[:, None])                            # [BLOCK_Q, BLOCK_K]
         alpha = tl.math.exp2(m_i - m_new)                               # [BLOCK_Q]
@@ -60,7 +63,7 @@ def fwd_kernel(
         acc = dot_acc(acc * alpha[:, None], p, v, UPCAST_DOT)           # [BLOCK_Q, BLOCK_D]
         m_i = m_new
 
-    # Every query on the grid sees at least its own centre, so l_i > 0 there;
+    # Every query on the grid sees at least one key (its centre; its stride leader), so l_i > 0 there;
     # rows off the grid (l_i = 0) are never stored: 1 keeps them finite.
     l_i = tl.where(q_ok, l_i, 1.0)
     out = acc / l_i[:, None]                                            # [BLOCK_Q, BLOCK_D]

@@ -2,6 +2,13 @@
 coordinates, strided loads and stores, the float32-accumulating dots, and the
 key walk that the forward and dQ kernels share (``query_walk``, ``key_tile``, ``key_mask``).
 
+Two window paths, chosen by the ``TABLES`` constexpr. Plain windows (every v2
+option at its default) compute centres and windows in closed form. With v2
+options (dilation, stride, per-axis causal, shifted or asymmetric windows) the
+kernels walk re-laid coordinates and read each window from the tables of
+``relayout`` (``axis_tables``), and the grid through its re-layout tables:
+tile coordinates are re-laid, memory coordinates the grid's.
+
 Index widths. Coordinates, sizes and raster indices are int32: the launcher
 refuses grids of nearly 2**31 tokens (``launch.check_index_range``). The
 window arithmetic multiplies two axis lengths (the centre ``i * n_kv``, the
@@ -87,6 +94,26 @@ def query_range(k_lo, k_last, n_q, n_kv, e, WIDE_IDX: tl.constexpr):
         q0 = tl.where(lo_c <= 0, 0, (lo_c * n_q + n_kv - 1) // n_kv)
         q1 = tl.minimum((hi_c * n_q + n_kv - 1) // n_kv, n_q)
     return q0, q1
+
+
+@triton.jit
+def axis_tables(TAB, axis: tl.constexpr, T, H, W, T2, H2, W2):
+    """Pointers (LO, HI, PQ, PK, Q0, Q1) into the int32 window tables of ``axis`` (0, 1, 2 =
+    t, h, w) in ``relayout.packed``'s layout: per axis lo, hi, pq (n each) then pk, q0, q1
+    (m each), n, m the axis's query and key lengths."""
+    if axis == 0:
+        LO = TAB
+        n = T
+        m = T2
+    elif axis == 1:
+        LO = TAB + 3 * (T + T2)
+        n = H
+        m = H2
+    else:
+        LO = TAB + 3 * (T + T2 + H + H2)
+        n = W
+        m = W2
+    return LO, LO + n, LO + 2 * n, LO + 3 * n, LO + 3 * n + m, LO + 3 * n + 2 * m
 
 
 # ----------------------------------------------------------------------------- tiles, loads, stores
@@ -203,21 +230,24 @@ def dot_acc(acc, a32, b, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
-def query_walk(pid, T, H, W, T2, H2, W2, ET, EH, EW, n_heads,
+def query_walk(pid, T, H, W, T2, H2, W2, ET, EH, EW, n_heads, TAB,
                BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr,
-               KW: tl.constexpr, CAUSAL: tl.constexpr, WIDE_IDX: tl.constexpr):
+               KW: tl.constexpr, CAUSAL: tl.constexpr, WIDE_IDX: tl.constexpr, TABLES: tl.constexpr):
     """Prologue of the forward and dQ kernels: program ``pid``'s query tile and its key walk.
 
     The tile's windows, unioned per axis, form a key box (centres are monotone
     in the query index, so the union is one interval per axis), walked in 1 x KH
     x KW key tiles in raster order. Causal (same grid, so the tile's last query
     is its latest): the tiles whose first key comes after that query are a tail
-    of the walk and are cut from ``n_iter``.
+    of the walk and are cut from ``n_iter``. TABLES: the same in re-laid
+    coordinates, windows and key box read from the tables at TAB (``axis_tables``;
+    their lo, hi are monotone too), so the causal cut is unchanged (``relayout``).
 
-    Returns (bh, b, hd, qt, qh, qw, q_ok, rq, walk, n_iter): the (batch * heads +
+    Returns (bh, b, hd, mt, mh, mw, q_ok, rq, walk, n_iter): the (batch * heads +
     head) statistics row, batch and head (int64); per query row [BLOCK_Q] its
-    coordinates, on-grid flag and raster index; ``walk``, the loop-invariant
-    state ``key_tile`` reads; and the number of key tiles to visit.
+    grid coordinates (memory), on-grid flag and grid raster index (statistics);
+    ``walk``, the loop-invariant state ``key_tile`` and ``key_mask`` read; and the
+    number of key tiles to visit.
     """
     BLOCK_Q: tl.constexpr = BT * BH * BW
     BLOCK_K: tl.constexpr = KH * KW
@@ -231,21 +261,49 @@ def query_walk(pid, T, H, W, T2, H2, W2, ET, EH, EW, n_heads,
     qt, qh, qw = tile_coords(tl.arange(0, BLOCK_Q), t0, h0, w0, BT, BH, BW)  # [BLOCK_Q] each
     q_ok = (qt < T) & (qh < H) & (qw < W)                               # [BLOCK_Q]
     rq = (qt * H + qh) * W + qw                                         # [BLOCK_Q] raster
-    # Per-query windows; the upper bounds also hide keys off the grid.
-    ct = centre(qt, T, T2, WIDE_IDX)                                    # [BLOCK_Q]
-    h_lo, h_hi = window(centre(qh, H, H2, WIDE_IDX), EH, H2)            # [BLOCK_Q] each
-    w_lo, w_hi = window(centre(qw, W, W2, WIDE_IDX), EW, W2)            # [BLOCK_Q] each
+    if TABLES:
+        LOT, HIT, PQT, PKT, _, _ = axis_tables(TAB, 0, T, H, W, T2, H2, W2)
+        LOH, HIH, PQH, PKH, _, _ = axis_tables(TAB, 1, T, H, W, T2, H2, W2)
+        LOW, HIW, PQW, PKW, _, _ = axis_tables(TAB, 2, T, H, W, T2, H2, W2)
+        # Per-query windows, inclusive ends; rows off the grid see nothing.
+        f_lo = tl.load(LOT + qt, mask=q_ok, other=0)                    # [BLOCK_Q]
+        f_hi = tl.load(HIT + qt, mask=q_ok, other=0) - 1                # [BLOCK_Q]
+        h_lo = tl.load(LOH + qh, mask=q_ok, other=0)                    # [BLOCK_Q]
+        h_hi = tl.load(HIH + qh, mask=q_ok, other=0) - 1                # [BLOCK_Q]
+        w_lo = tl.load(LOW + qw, mask=q_ok, other=0)                    # [BLOCK_Q]
+        w_hi = tl.load(HIW + qw, mask=q_ok, other=0) - 1                # [BLOCK_Q]
+    else:
+        # Per-query windows; the upper bounds also hide keys off the grid.
+        f_lo = centre(qt, T, T2, WIDE_IDX)                              # [BLOCK_Q] the frame centre
+        f_hi = f_lo
+        h_lo, h_hi = window(centre(qh, H, H2, WIDE_IDX), EH, H2)        # [BLOCK_Q] each
+        w_lo, w_hi = window(centre(qw, W, W2, WIDE_IDX), EW, W2)        # [BLOCK_Q] each
     offs_k = tl.arange(0, BLOCK_K)
     jh = offs_k // KW                                                   # [BLOCK_K] row in key tile
     jw = offs_k % KW                                                    # [BLOCK_K] column in key tile
     jhw = jh * W2 + jw                                                  # [BLOCK_K] raster offset in tile
 
-    a_lo = tl.maximum(centre(t0, T, T2, WIDE_IDX) - ET, 0)              # the key box
-    a_hi = tl.minimum(centre(t_last, T, T2, WIDE_IDX) + ET + 1, T2)
-    b_lo = tl.maximum(centre(h0, H, H2, WIDE_IDX) - EH, 0)
-    b_hi = tl.minimum(centre(h_last, H, H2, WIDE_IDX) + EH + 1, H2)
-    c_lo = tl.maximum(centre(w0, W, W2, WIDE_IDX) - EW, 0)
-    c_hi = tl.minimum(centre(w_last, W, W2, WIDE_IDX) + EW + 1, W2)
+    if TABLES:
+        a_lo = tl.load(LOT + t0)                                        # the key box
+        a_hi = tl.load(HIT + t_last)
+        b_lo = tl.load(LOH + h0)
+        b_hi = tl.load(HIH + h_last)
+        c_lo = tl.load(LOW + w0)
+        c_hi = tl.load(HIW + w_last)
+        mt = tl.load(PQT + qt, mask=q_ok, other=0)                      # [BLOCK_Q] grid coordinates
+        mh = tl.load(PQH + qh, mask=q_ok, other=0)                      # [BLOCK_Q]
+        mw = tl.load(PQW + qw, mask=q_ok, other=0)                      # [BLOCK_Q]
+        r_mem = (mt * H + mh) * W + mw                                  # [BLOCK_Q] grid raster
+        keys = (PKT, PKH, PKW)
+    else:
+        a_lo = tl.maximum(centre(t0, T, T2, WIDE_IDX) - ET, 0)          # the key box
+        a_hi = tl.minimum(centre(t_last, T, T2, WIDE_IDX) + ET + 1, T2)
+        b_lo = tl.maximum(centre(h0, H, H2, WIDE_IDX) - EH, 0)
+        b_hi = tl.minimum(centre(h_last, H, H2, WIDE_IDX) + EH + 1, H2)
+        c_lo = tl.maximum(centre(w0, W, W2, WIDE_IDX) - EW, 0)
+        c_hi = tl.minimum(centre(w_last, W, W2, WIDE_IDX) + EW + 1, W2)
+        mt, mh, mw, r_mem = qt, qh, qw, rq
+        keys = (0, 0, 0)
     n_b = tl.cdiv(b_hi - b_lo, KH)
     n_c = tl.cdiv(c_hi - c_lo, KW)
     if CAUSAL:
@@ -258,39 +316,52 @@ def query_walk(pid, T, H, W, T2, H2, W2, ET, EH, EW, n_heads,
         n_iter = (t_last - a_lo) * n_b * n_c + (rows - 1) * n_c + cols
     else:
         n_iter = (a_hi - a_lo) * n_b * n_c
-    walk = (a_lo, b_lo, c_lo, n_b, n_c, ct, h_lo, h_hi, w_lo, w_hi, rq, jh, jw, jhw)
-    return bh, b, hd, qt, qh, qw, q_ok, rq, walk, n_iter
+    walk = (a_lo, b_lo, c_lo, n_b, n_c, f_lo, f_hi, h_lo, h_hi, w_lo, w_hi, rq, jh, jw, jhw, keys)
+    return bh, b, hd, mt, mh, mw, q_ok, r_mem, walk, n_iter
 
 
 @triton.jit
 def key_tile(it, walk, K, V, sk, sv, offs_d, D, H2, W2, KH: tl.constexpr, KW: tl.constexpr,
-             EVEN_D: tl.constexpr):
+             EVEN_D: tl.constexpr, TABLES: tl.constexpr):
     """Key tile ``it`` of the walk of ``query_walk``: its frame a, first row bb and
-    column c, and its keys and values, [BLOCK_K, BLOCK_D] each (0 off the grid).
+    column c (re-laid with TABLES), and its keys and values, [BLOCK_K, BLOCK_D] each
+    (0 off the grid), read at their grid positions.
 
     K, V point at the (batch, head); sk, sv are their (t, h, w, d) strides. One
     flat loop over (frame, row tile, column tile) is one software-pipelined loop
     on the GPU, and no partial mask is hoisted out of inner loops into registers.
     """
-    a_lo, b_lo, c_lo, n_b, n_c, ct, h_lo, h_hi, w_lo, w_hi, rq, jh, jw, jhw = walk
+    a_lo, b_lo, c_lo, n_b, n_c, f_lo, f_hi, h_lo, h_hi, w_lo, w_hi, rq, jh, jw, jhw, keys = walk
     a = a_lo + it // (n_b * n_c)
     bb = b_lo + ((it // n_c) % n_b) * KH
     c = c_lo + (it % n_c) * KW
     kh = bb + jh                                                        # [BLOCK_K]
     kw = c + jw                                                         # [BLOCK_K]
     k_ok = (kh < H2) & (kw < W2)                                        # [BLOCK_K]
-    k = load_rows(K, token_offsets(a, kh, kw, sk[0], sk[1], sk[2]), k_ok,
+    if TABLES:
+        PKT, PKH, PKW = keys
+        ma = tl.load(PKT + a)                                           # grid coordinates
+        mh = tl.load(PKH + kh, mask=k_ok, other=0)                      # [BLOCK_K]
+        mw = tl.load(PKW + kw, mask=k_ok, other=0)                      # [BLOCK_K]
+    else:
+        ma, mh, mw = a, kh, kw
+    k = load_rows(K, token_offsets(ma, mh, mw, sk[0], sk[1], sk[2]), k_ok,
                   offs_d, sk[3], D, EVEN_D)                             # [BLOCK_K, BLOCK_D]
-    v = load_rows(V, token_offsets(a, kh, kw, sv[0], sv[1], sv[2]), k_ok,
+    v = load_rows(V, token_offsets(ma, mh, mw, sv[0], sv[1], sv[2]), k_ok,
                   offs_d, sv[3], D, EVEN_D)                             # [BLOCK_K, BLOCK_D]
     return a, bb, c, k, v
 
 
 @triton.jit
-def key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL: tl.constexpr):
-    """[BLOCK_Q, BLOCK_K] visibility of the key tile at (a, bb, c) (from ``key_tile``)."""
-    a_lo, b_lo, c_lo, n_b, n_c, ct, h_lo, h_hi, w_lo, w_hi, rq, jh, jw, jhw = walk
-    frame_ok = tl.abs(a - ct) <= ET                                     # [BLOCK_Q]
+def key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL: tl.constexpr, TABLES: tl.constexpr):
+    """[BLOCK_Q, BLOCK_K] visibility of the key tile at (a, bb, c) (from ``key_tile``).
+    Causal compares raster indices in the walked coordinates (re-laid with TABLES:
+    within a window the grid's order, ``relayout``)."""
+    a_lo, b_lo, c_lo, n_b, n_c, f_lo, f_hi, h_lo, h_hi, w_lo, w_hi, rq, jh, jw, jhw, keys = walk
+    if TABLES:
+        frame_ok = (a >= f_lo) & (a <= f_hi)                            # [BLOCK_Q]
+    else:
+        frame_ok = tl.abs(a - f_lo) <= ET                               # [BLOCK_Q] (f_lo: the centre)
     vis = tile_mask(frame_ok, h_lo - bb, h_hi - bb, w_lo - c, w_hi - c, jh, jw)  # [BLOCK_Q, BLOCK_K]
     if CAUSAL:
         vis = vis & (jhw[None, :] <= (rq - ((a * H2 + bb) * W2 + c))[:, None])

@@ -5,6 +5,11 @@ kernels/report.py compiles exactly what the drivers run. ``forward`` and
 ``backward`` allocate what is not passed in and launch, with the inputs'
 device current (``device_guard``). Inputs are validated by ``nuwa3dna.checks``
 before they get here; ``extent`` is resolved (three ints).
+
+``causal`` is raster order; ``options`` (``windows.Options``) the v2 window
+options. Plain options launch the closed-form kernels (TABLES=False, no table
+argument), any other the table path with the window tables of ``relayout``
+(TABLES=True; built once per geometry and device, cached).
 """
 from __future__ import annotations
 
@@ -14,11 +19,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from nuwa3dna.kernels.triton import configs
+from nuwa3dna.kernels.triton import configs, relayout
 from nuwa3dna.kernels.triton.backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from nuwa3dna.kernels.triton.configs import LaunchConfig, upcast_dot
 from nuwa3dna.kernels.triton.forward import fwd_kernel
 from nuwa3dna.kernels.triton.jit import LOG2E
+from nuwa3dna.kernels.windows import Options
 
 
 def stats_shape(q) -> Tuple[int, ...]:
@@ -52,10 +58,18 @@ def needs_wide_index(q_grid, kv_grid, extent) -> bool:
     return any((n_kv + e) * n_q + n_kv > INT32_MAX for n_q, n_kv, e in zip(q_grid, kv_grid, extent))
 
 
-def _configs(q, k, extent, arch, causal=False) -> dict:
+def _configs(q, k, extent, arch, causal=False, options=None) -> dict:
     check_index_range(q, k)
     return configs.pick_configs(tuple(q.shape[1:4]), tuple(k.shape[1:4]), extent, q.shape[-1], q.dtype,
-                                arch or configs.device_arch(q.device), causal)
+                                arch or configs.device_arch(q.device), causal, options)
+
+
+def window_table(q, k, extent, options: Optional[Options]):
+    """The kernels' TAB argument: the int32 window tables on q's device for v2 options
+    (``relayout.packed``), None for plain windows."""
+    if options is None or options.plain:
+        return None
+    return relayout.packed(q.shape[1:4], k.shape[1:4], extent, options, q.device)
 
 
 def _even_d(cfg: LaunchConfig, D: int) -> bool:
@@ -64,26 +78,28 @@ def _even_d(cfg: LaunchConfig, D: int) -> bool:
     return D == cfg.block_d
 
 
-def _meta(cfg: LaunchConfig, q, k, extent, causal: bool) -> dict:
+def _meta(cfg: LaunchConfig, q, k, extent, causal: bool, tab) -> dict:
     # The walked tile is one frame deep (fwd/dq: keys, dkdv: queries); see configs.plan_tiles.
     tiles = (dict(BH=cfg.q_tile[1], BW=cfg.q_tile[2], KT=cfg.k_tile[0], KH=cfg.k_tile[1], KW=cfg.k_tile[2])
              if cfg.kernel == "dkdv" else
              dict(BT=cfg.q_tile[0], BH=cfg.q_tile[1], BW=cfg.q_tile[2], KH=cfg.k_tile[1], KW=cfg.k_tile[2]))
+    # The table path does no window arithmetic (its tables hold positions), so never WIDE_IDX.
     return dict(**tiles, BLOCK_D=cfg.block_d, CAUSAL=causal, UPCAST_DOT=upcast_dot(q.dtype),
                 EVEN_D=_even_d(cfg, q.shape[-1]),
-                WIDE_IDX=needs_wide_index(q.shape[1:4], k.shape[1:4], extent),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                WIDE_IDX=tab is None and needs_wide_index(q.shape[1:4], k.shape[1:4], extent),
+                TABLES=tab is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def fwd_launch(q, k, v, out, lse, extent, causal, scale, arch=None):
+def fwd_launch(q, k, v, out, lse, extent, causal, scale, arch=None, options=None):
     """Forward: grid (B * heads * query tiles,); see forward.fwd_kernel."""
     B, T, H, W, n_heads, D = q.shape
     T2, H2, W2 = k.shape[1:4]
-    cfg = _configs(q, k, extent, arch, causal)["fwd"]
+    cfg = _configs(q, k, extent, arch, causal, options)["fwd"]
+    tab = window_table(q, k, extent, options)
     grid = (B * n_heads * _n_tiles((T, H, W), cfg.q_tile),)
-    args = [q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+    args = [q, k, v, out, lse, tab, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             T, H, W, T2, H2, W2, *extent, n_heads, D, scale * LOG2E]
-    return fwd_kernel, grid, args, _meta(cfg, q, k, extent, causal)
+    return fwd_kernel, grid, args, _meta(cfg, q, k, extent, causal, tab)
 
 
 def preprocess_launch(q, out, dout, delta, arch=None):
@@ -97,31 +113,33 @@ def preprocess_launch(q, out, dout, delta, arch=None):
     return bwd_preprocess_kernel, grid, args, meta
 
 
-def dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale, arch=None):
+def dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale, arch=None, options=None):
     """One launch (dK and dV together) or two (a dK pass, a dV pass; see split_dkdv);
     grid (B * heads * key tiles,)."""
     B, T, H, W, n_heads, D = q.shape
     T2, H2, W2 = k.shape[1:4]
-    cfg = _configs(q, k, extent, arch, causal)["dkdv"]
+    cfg = _configs(q, k, extent, arch, causal, options)["dkdv"]
+    tab = window_table(q, k, extent, options)
     grid = (B * n_heads * _n_tiles((T2, H2, W2), cfg.k_tile),)
-    args = [q, k, v, dout, lse, delta, dk, dv,
+    args = [q, k, v, dout, lse, delta, dk, dv, tab,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             T, H, W, T2, H2, W2, *extent, n_heads, D, scale, scale * LOG2E]
-    meta = _meta(cfg, q, k, extent, causal)
+    meta = _meta(cfg, q, k, extent, causal, tab)
     passes = [(True, False), (False, True)] if cfg.split_dkdv else [(True, True)]
     return [(bwd_dkdv_kernel, grid, args, dict(meta, DO_DK=a, DO_DV=b)) for a, b in passes]
 
 
-def dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale, arch=None):
+def dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale, arch=None, options=None):
     """dQ: grid (B * heads * query tiles,), as the forward."""
     B, T, H, W, n_heads, D = q.shape
     T2, H2, W2 = k.shape[1:4]
-    cfg = _configs(q, k, extent, arch, causal)["dq"]
+    cfg = _configs(q, k, extent, arch, causal, options)["dq"]
+    tab = window_table(q, k, extent, options)
     grid = (B * n_heads * _n_tiles((T, H, W), cfg.q_tile),)
-    args = [q, k, v, dout, lse, delta, dq,
+    args = [q, k, v, dout, lse, delta, dq, tab,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
             T, H, W, T2, H2, W2, *extent, n_heads, D, scale, scale * LOG2E]
-    return bwd_dq_kernel, grid, args, _meta(cfg, q, k, extent, causal)
+    return bwd_dq_kernel, grid, args, _meta(cfg, q, k, extent, causal, tab)
 
 
 def device_guard(device):
@@ -137,21 +155,23 @@ def _run(spec) -> None:
 
 
 def forward(q, k, v, extent, causal: bool, scale: float,
-            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
+            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+            options: Optional[Options] = None):
     """Launch the forward; returns (out, lse). ``out`` (any strides) and ``lse``
-    (contiguous float32, ``stats_shape(q)``) may be preallocated, e.g. NaN-poisoned by tests."""
+    (contiguous float32, ``stats_shape(q)``) may be preallocated, e.g. NaN-poisoned by tests.
+    ``options``: the v2 window options (None: plain)."""
     check_index_range(q, k)
     with device_guard(q.device):
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if lse is None:
             lse = torch.empty(stats_shape(q), dtype=torch.float32, device=q.device)
-        _run(fwd_launch(q, k, v, out, lse, extent, causal, scale))
+        _run(fwd_launch(q, k, v, out, lse, extent, causal, scale, options=options))
     return out, lse
 
 
 def backward(q, k, v, out, lse, dout, extent, causal: bool, scale: float,
-             dq=None, dk=None, dv=None, delta=None, dlse=None):
+             dq=None, dk=None, dv=None, delta=None, dlse=None, options: Optional[Options] = None):
     """Launch preprocess, dK/dV and dQ; returns (dq, dk, dv). Buffers may be
     preallocated; ``dout`` is read through its strides (broadcast stride 0 included).
     ``dlse``: the gradient of the returned lse (``stats_shape(q)``) or None; it enters
@@ -166,7 +186,7 @@ def backward(q, k, v, out, lse, dout, extent, causal: bool, scale: float,
         _run(preprocess_launch(q, out, dout, delta))
         if dlse is not None:
             delta.sub_(dlse)
-        for spec in dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale):
+        for spec in dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale, options=options):
             _run(spec)
-        _run(dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale))
+        _run(dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale, options=options))
     return dq, dk, dv

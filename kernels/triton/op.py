@@ -4,6 +4,11 @@
 * ``nuwa3dna::triton_bwd(dout, dlse, q, k, v, out, lse, extent, causal, scale, window=None, bias=None)
   -> (dq, dk, dv, dbias)`` (autograd wiring and argument meanings: ``kernels/autograd.py``)
 
+``causal`` is raster order; ``window`` the v2 window options (dilation, stride,
+per-axis causal, shifted borders, asymmetric radii) as ``windows.Options.encode``
+writes them, None or empty for plain windows (the closed-form kernels; any
+other takes the kernels' table path, ``relayout``).
+
 Each is opaque to ``torch.compile`` (fullgraph) with a fake implementation for
 shape propagation; the backward is registered with ``register_autograd``
 (differentiating it again raises a clear error).
@@ -23,19 +28,18 @@ from torch import Tensor
 
 from nuwa3dna.kernels.autograd import contiguous_like, no_bias_grad, wire
 from nuwa3dna.kernels.triton.launch import backward, forward, stats_shape
+from nuwa3dna.kernels.windows import Options
 
 
 @torch.library.custom_op("nuwa3dna::triton_fwd", mutates_args=())
 def triton_fwd(q: Tensor, k: Tensor, v: Tensor, extent: List[int], causal: bool,
                scale: float, window: Optional[List[int]] = None,
                bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    _unsupported(q, k, window, bias)
-    return forward(q, k, v, tuple(extent), causal, scale)
+    _unsupported(q, k, bias)
+    return forward(q, k, v, tuple(extent), causal, scale, options=Options.decode(window))
 
 
-def _unsupported(q, k, window, bias) -> None:
-    if window:
-        raise NotImplementedError("backend='triton' does not take the v2 window options yet")
+def _unsupported(q, k, bias) -> None:
     if bias is not None:
         raise NotImplementedError("backend='triton' does not take a relative position bias yet")
     if k.shape[4] != q.shape[4]:
@@ -52,10 +56,11 @@ def triton_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Te
                lse: Tensor, extent: List[int], causal: bool, scale: float,
                window: Optional[List[int]] = None,
                bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    _unsupported(q, k, window, bias)
+    _unsupported(q, k, bias)
     # dout goes in as autograd hands it over: the kernels read it through its
     # strides, so a broadcast (stride-0) gradient from out.sum() is not copied.
-    return backward(q, k, v, out, lse, dout, tuple(extent), causal, scale, dlse=dlse) + (no_bias_grad(q),)
+    return backward(q, k, v, out, lse, dout, tuple(extent), causal, scale, dlse=dlse,
+                    options=Options.decode(window)) + (no_bias_grad(q),)
 
 
 wire(triton_fwd, triton_bwd)
@@ -65,5 +70,6 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, extent: Sequence[int], cau
                      scale: float, window: Optional[List[int]] = None,
                      bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """3DNA through the fused kernels (differentiable, compilable): (out, lse (B, heads, T, H, W)
-    float32). ``extent`` resolved (three ints), ``scale`` a float; inputs already validated."""
+    float32). ``extent`` resolved (three ints), ``causal`` raster order, ``scale`` a float,
+    ``window`` the encoded v2 options (``Options.encode``); inputs already validated."""
     return triton_fwd(q, k, v, [int(e) for e in extent], bool(causal), float(scale), window, bias)

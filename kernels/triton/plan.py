@@ -12,6 +12,10 @@ per-axis terms), so a count costs O(tiles per axis), not O(tiles).
 tests/test_triton_launch.py checks them against a literal replay of the loops
 that also checks every visible pair is computed.
 
+The table path (v2 window options, ``relayout``) walks the same loops in re-laid
+coordinates with its key boxes and query ranges read from the window tables:
+pass ``tables`` (``relayout.window_tables``) and the count is that path's.
+
 Pure Python (no Triton, no torch).
 """
 from __future__ import annotations
@@ -46,8 +50,23 @@ def _key_box(o: int, last: int, n_q: int, n_kv: int, e: int) -> Tuple[int, int]:
     return max(centre(o, n_q, n_kv) - e, 0), min(centre(last, n_q, n_kv) + e + 1, n_kv)
 
 
+def _boxes(q_grid, kv_grid, extent, tables):
+    """Per axis, the walked key interval of a query tile o..last (fwd/dQ): the closed form
+    of ``jit.query_walk``, or the window tables' [lo[o], hi[last])."""
+    if tables is None:
+        return [lambda o, l, n=n, m=m, e=e: _key_box(o, l, n, m, e) for n, m, e in zip(q_grid, kv_grid, extent)]
+    return [lambda o, l, t=t: (t.lo[o], t.hi[l]) for t in tables]
+
+
+def _ranges(q_grid, kv_grid, extent, tables):
+    """Per axis, the queries [q0, q1) whose windows reach key tile o..last (dK/dV)."""
+    if tables is None:
+        return [lambda o, l, n=n, m=m, e=e: query_range(o, l, n, m, e) for n, m, e in zip(q_grid, kv_grid, extent)]
+    return [lambda o, l, t=t: (t.q0[o], t.q1[l]) for t in tables]
+
+
 def query_tile_iterations(q_grid: Sequence[int], kv_grid: Sequence[int], extent: Sequence[int], causal: bool,
-                          q_tile: Tile, k_tile: Tile) -> int:
+                          q_tile: Tile, k_tile: Tile, tables=None) -> int:
     """Loop iterations summed over the query tiles of one (batch, head): forward and dQ kernels.
 
     ``k_tile`` is 1 x KH x KW. Causal (same grids): frames before the tile's last
@@ -55,17 +74,18 @@ def query_tile_iterations(q_grid: Sequence[int], kv_grid: Sequence[int], extent:
     tile's last row, and in that row tile, if it starts exactly at that row, the
     column tiles up to the last column (jit.query_walk).
     """
-    (T, H, W), (T2, H2, W2), (et, eh, ew) = q_grid, kv_grid, extent
+    (T, H, W) = q_grid
     (BT, BH, BW), (_, KH, KW) = q_tile, k_tile
+    box_t, box_h, box_w = _boxes(q_grid, kv_grid, extent, tables)
     ts, hs, ws = _tiles(T, BT), _tiles(H, BH), _tiles(W, BW)
-    n_a = [hi - lo for lo, hi in (_key_box(o, l, T, T2, et) for o, l in ts)]
-    boxes_h = [(_key_box(o, l, H, H2, eh), l) for o, l in hs]
-    boxes_w = [(_key_box(o, l, W, W2, ew), l) for o, l in ws]
+    n_a = [hi - lo for lo, hi in (box_t(o, l) for o, l in ts)]
+    boxes_h = [(box_h(o, l), l) for o, l in hs]
+    boxes_w = [(box_w(o, l), l) for o, l in ws]
     n_b = [_cdiv(hi - lo, KH) for (lo, hi), _ in boxes_h]
     n_c = [_cdiv(hi - lo, KW) for (lo, hi), _ in boxes_w]
     if not causal:
         return sum(n_a) * sum(n_b) * sum(n_c)
-    before = sum(l - _key_box(o, l, T, T2, et)[0] for o, l in ts)       # t_last - a_lo
+    before = sum(l - box_t(o, l)[0] for o, l in ts)                     # t_last - a_lo
     rows = [(l - lo) // KH + 1 for (lo, _), l in boxes_h]
     starts = sum(lo + (r - 1) * KH == l for ((lo, _), l), r in zip(boxes_h, rows))
     cols = sum((l - lo) // KW + 1 for (lo, _), l in boxes_w)
@@ -75,18 +95,19 @@ def query_tile_iterations(q_grid: Sequence[int], kv_grid: Sequence[int], extent:
 
 
 def key_tile_iterations(q_grid: Sequence[int], kv_grid: Sequence[int], extent: Sequence[int], causal: bool,
-                        q_tile: Tile, k_tile: Tile) -> int:
+                        q_tile: Tile, k_tile: Tile, tables=None) -> int:
     """Loop iterations summed over the key tiles of one (batch, head): the dK/dV kernel.
 
     ``k_tile`` is the program's KT x KH x KW key tile, ``q_tile`` the walked 1 x BH x BW
     query tile. Causal: the head of the walk before the key tile's first key is skipped.
     """
-    (T, H, W), (T2, H2, W2), (et, eh, ew) = q_grid, kv_grid, extent
+    (T2, H2, W2) = kv_grid
     (_, BH, BW), (KT, KH, KW) = q_tile, k_tile
+    range_t, range_h, range_w = _ranges(q_grid, kv_grid, extent, tables)
     ts, hs, ws = _tiles(T2, KT), _tiles(H2, KH), _tiles(W2, KW)
-    rt = [(o, query_range(o, l, T, T2, et)) for o, l in ts]
-    rh = [(o, query_range(o, l, H, H2, eh)) for o, l in hs]
-    rw = [(o, query_range(o, l, W, W2, ew)) for o, l in ws]
+    rt = [(o, range_t(o, l)) for o, l in ts]
+    rh = [(o, range_h(o, l)) for o, l in hs]
+    rw = [(o, range_w(o, l)) for o, l in ws]
     n_t = [max(0, hi - lo) for _, (lo, hi) in rt]
     n_h = [max(0, _cdiv(hi - lo, BH)) for _, (lo, hi) in rh]
     n_w = [max(0, _cdiv(hi - lo, BW)) for _, (lo, hi) in rw]
@@ -101,13 +122,14 @@ def key_tile_iterations(q_grid: Sequence[int], kv_grid: Sequence[int], extent: S
     return total - (skip_t * sum(n_h) * sum(n_w) + NT * sum(skip_h) * sum(n_w) + NT * ends * skip_w)
 
 
-def computed_pairs(kind: str, q_grid, kv_grid, extent, causal: bool, q_tile: Tile, k_tile: Tile) -> int:
+def computed_pairs(kind: str, q_grid, kv_grid, extent, causal: bool, q_tile: Tile, k_tile: Tile,
+                   tables=None) -> int:
     """Score pairs one (batch, head) computes in kernel ``kind`` ("fwd", "dq" or "dkdv"),
-    padding rows and masked pairs included."""
+    padding rows and masked pairs included; ``tables``: the table path's (v2 options)."""
     count = key_tile_iterations if kind == "dkdv" else query_tile_iterations
     if kind == "dkdv":
         block = q_tile[1] * q_tile[2] * k_tile[0] * k_tile[1] * k_tile[2]
     else:
         block = q_tile[0] * q_tile[1] * q_tile[2] * k_tile[1] * k_tile[2]
     return count(tuple(q_grid), tuple(kv_grid), tuple(extent), bool(causal), tuple(q_tile),
-                 tuple(k_tile)) * block
+                 tuple(k_tile), tables) * block
