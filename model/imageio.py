@@ -188,7 +188,8 @@ def _resize(frame: Image.Image, size: int) -> Image.Image:
 
 def read_video(path: str, size: int, max_frames: Optional[int] = None) -> torch.Tensor:
     """A PNG (one frame) or GIF (all frames) -> (1, T, 3, size, size) float in [0, 1]."""
-    frames = _frames(_open(path))
+    with _open(path) as img:
+        frames = _frames(img)
     if max_frames is not None:
         frames = frames[:max_frames]
     frames = _square_frames(frames, path)
@@ -206,7 +207,8 @@ def read_mask(path: str, size: int) -> torch.Tensor:
 
     Downscaling keeps a pixel hidden if any hidden source pixel falls in it, so a
     thin stroke still hides its tokens."""
-    frames = _square_frames(_frames(_open(path))[:1], path)
+    with _open(path) as img:
+        frames = _square_frames(_frames(img)[:1], path)
     hid = (np.asarray(frames[0].convert("L")) >= 128).astype(np.uint8) * 255
     img = Image.fromarray(hid, mode="L")
     if img.size != (size, size):
@@ -230,7 +232,8 @@ def read_sketch(path: str, size: int, num_classes: int, max_frames: Optional[int
     """A sketch PNG/GIF -> (1, T, size, size) long class map (see module doc)."""
     if num_classes > len(SKETCH_PALETTE):
         raise ValueError(f"at most {len(SKETCH_PALETTE)} sketch classes can be read from colours, got {num_classes=}")
-    frames = _frames(_open(path))
+    with _open(path) as img:
+        frames = _frames(img)
     if max_frames is not None:
         frames = frames[:max_frames]
     frames = _square_frames(frames, path)

@@ -42,7 +42,7 @@ def run_cli(fn: Callable, args) -> int:
     """``fn(args)``; an expected failure becomes one line ``error: ...`` on stderr and exit code 2;
     a warning (an unknown word in a prompt, a letterboxed file) one line ``warning: ...`` (exit 0)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("default")
+        warnings.simplefilter("default", UserWarning)
         warnings.showwarning = _show_warning
         try:
             fn(args)

@@ -1,8 +1,14 @@
-"""Train the small NÜWA on procedural "moving shapes" (model/data.py), in three stages.
+"""Train the small NÜWA, in three stages, on procedural "moving shapes" (model/data.py) or a folder of your own.
 
     python -m nuwa3dna.train tokenizer        --out RUN --steps 800
     python -m nuwa3dna.train sketch-tokenizer --out RUN --steps 400
     python -m nuwa3dna.train nuwa             --out RUN --steps 3000 --export model/checkpoints/default
+    python -m nuwa3dna.train nuwa --data my_data/ --out RUN --steps 3000      # your own files
+
+``--data DIR``: a folder with ``captions.jsonl`` and PNG images / GIF videos
+(optional sketch class maps), model/datasets.py; it trains the tasks its files
+allow (t2i, i2i, s2i on images, t2v, v2v, s2v on videos). The saved pipeline
+records its captions' words (vocab.json) for generate's unknown-word warning.
 
 (model/checkpoints/TRAINING.md has the exact recipe of the shipped checkpoint;
 the stages' parts are in model/cli/train_stages.py.)
@@ -74,7 +80,10 @@ def build_parser() -> OneLineParser:
                         "(new parameters at their standard init; every other weight kept)")
     p.add_argument("--tasks", default=None, help="nuwa stage: comma-separated subset of the tasks")
     p.add_argument("--task-weights", default=None, help="nuwa stage: comma-separated weights, one per task")
-    p.add_argument("--max-objects", type=int, default=1, help="shapes per sample (data)")
+    p.add_argument("--data", default=None,
+                   help="training data: a folder with captions.jsonl and images/GIF videos (model/datasets.py), "
+                        "or 'procedural' (default: the moving-shapes generator, model/data.py)")
+    p.add_argument("--max-objects", type=int, default=1, help="shapes per sample (procedural data)")
     p.add_argument("--cond-drop", type=float, default=None, help="override config.cond_drop")
     p.add_argument("--motion-weight", type=float, default=None, help="override config.motion_weight")
     p.add_argument("--caption-contrast", type=float, default=0.0,

@@ -103,26 +103,6 @@ class _NuwaLoss(nn.Module):
         return loss, {}
 
 
-def task_inputs(task: str, batch_size: int, seed: int, start: int, data_cfg, device) -> Dict:
-    """One task's training inputs (``TRAIN_INPUTS`` keys) from the data stream
-    (seed, task) at sample indices ``start .. start + batch_size - 1``."""
-    from nuwa3dna.model import data
-    from nuwa3dna.model.tasks import IMAGE_TASKS, SOURCE_TASKS, TASKS
-    frames = 1 if task in IMAGE_TASKS else data_cfg.frames
-    stream = seed * 1000 + TASKS.index(task)
-    if task in SOURCE_TASKS:
-        b = data.make_edit_batch(batch_size, stream, start, data_cfg, frames)
-        return dict(text=b["text"], source=b["source"].to(device), target=b["target"].to(device))
-    b = data.make_batch(batch_size, stream, start, data_cfg, frames)
-    out = dict(target=b["video"].to(device))
-    if task in ("t2i", "t2v"):
-        out["text"] = b["text"]
-        out["objects"] = [smp.objects for smp in b["samples"]]
-    if task in ("s2i", "s2v"):
-        out["sketch"] = b["sketch"].to(device)
-    return out
-
-
 def direction_variants(objects, data_cfg):
     """(B lists of caption variants over ``data_cfg.directions``, (B,) long true index)."""
     from nuwa3dna.model.data import caption_variants
@@ -130,9 +110,15 @@ def direction_variants(objects, data_cfg):
     return [p[0] for p in pairs], torch.tensor([p[1] for p in pairs], dtype=torch.long)
 
 
-def task_schedule(tasks_text: Optional[str], weights_text: Optional[str]):
-    """(tasks, probabilities) from --tasks and --task-weights."""
+def task_schedule(tasks_text: Optional[str], weights_text: Optional[str], available=None):
+    """(tasks, probabilities) from --tasks and --task-weights (default: every task ``available``)."""
     tasks = parse_tasks(tasks_text)
+    if available is not None:
+        bad = [t for t in tasks if t not in available]
+        if tasks_text is None:
+            tasks = tuple(t for t in tasks if t in available)
+        elif bad:
+            raise ValueError(f"--data cannot train task(s) {bad}; it can train {', '.join(available)}")
     if weights_text is None:
         w = np.ones(len(tasks))
     else:
@@ -145,15 +131,20 @@ def task_schedule(tasks_text: Optional[str], weights_text: Optional[str]):
 def build_stage(args, config, dist: Dist):
     """-> (trainable module, loss module, batch_fn(step) -> batch, save_fn(final: bool))."""
     from nuwa3dna.model.data import DataConfig
+    from nuwa3dna.model.datasets import make_dataset
+    from nuwa3dna.model.tasks import TASKS
     data_cfg = DataConfig.from_model_config(config, max_objects=args.max_objects)
     B = args.batch_size
+    if args.data not in (None, "procedural") and not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data: no such folder {args.data!r} (a folder with captions.jsonl, "
+                                f"or 'procedural')")
 
     def start_of(step):
         return step * B * dist.world + dist.rank * B
 
     if args.stage in ("tokenizer", "sketch-tokenizer"):
-        from nuwa3dna.model import data
         from nuwa3dna.model.vq import SketchTokenizer, VQTokenizer
+        dataset = make_dataset(args.data, config, data_cfg)
         if args.stage == "tokenizer":
             tok, key, fname, stream = VQTokenizer.from_config(config), "video", TOKENIZER_FILE, 900
         else:
@@ -162,8 +153,7 @@ def build_stage(args, config, dist: Dist):
         tok.to(dist.device)
 
         def batch_fn(step):
-            b = data.make_batch(B, stream, start_of(step), data_cfg)
-            return {key: b[key].to(dist.device)}
+            return {key: dataset.tokenizer_batch(key, B, stream, start_of(step), dist.device)}
 
         def save_fn(final):
             save_module(tok, os.path.join(args.out, fname), {"config": config.to_dict()})
@@ -172,7 +162,9 @@ def build_stage(args, config, dist: Dist):
     from nuwa3dna.model.masks import random_layout
     from nuwa3dna.model.pipeline import NuwaPipeline
     from nuwa3dna.model.vq import SketchTokenizer, VQTokenizer
-    tasks, weights = task_schedule(args.tasks, args.task_weights)     # checked before any loading
+    if args.data is not None and args.caption_contrast > 0:
+        raise ValueError("--caption-contrast needs the procedural data (its captions' direction variants)")
+    parse_tasks(args.tasks)                  # names checked before any loading
     if args.init is not None:
         pipe = NuwaPipeline.load(args.init, map_location=str(dist.device))
         if args.add_rotary:
@@ -190,13 +182,16 @@ def build_stage(args, config, dist: Dist):
         pipe = NuwaPipeline(config=config, tokenizer=tok, sketch_tokenizer=sk).to(dist.device)
     pipe.tokenizer.requires_grad_(False).eval()
     pipe.sketch_tokenizer.requires_grad_(False).eval()
-    if pipe.vocabulary is None:
-        pipe.vocabulary = data_cfg.vocabulary
+    dataset = make_dataset(args.data, pipe.config, data_cfg)
+    tasks, weights = task_schedule(args.tasks, args.task_weights, dataset.tasks)
+    # What the model has now seen: the words of its earlier data (--init) and of this one.
+    pipe.vocabulary = tuple(sorted(set(pipe.vocabulary or ()) | set(dataset.vocabulary)))
 
     def batch_fn(step):
         # Same task on every rank: drawn from (seed, step) only.
         task = tasks[int(np.random.default_rng([args.seed, step, 7]).choice(len(tasks), p=weights))]
-        inputs = task_inputs(task, B, args.seed, start_of(step), data_cfg, dist.device)
+        stream = args.seed * 1000 + TASKS.index(task)
+        inputs = dataset.task_inputs(task, B, stream, start_of(step), dist.device)
         objects = inputs.pop("objects", None)          # ground truth, not a model input
         rng = np.random.default_rng([args.seed, step, 11])
         if args.random_masks > 0 and task in ("i2i", "v2v") and rng.random() < args.random_masks:
