@@ -54,7 +54,7 @@ class Case:
         k, v = (torch.randn(self.B, *kv, self.kv_heads, self.D, generator=gen, dtype=dtype) for _ in range(2))
         if not self.bias:
             return q, k, v, None
-        ext = resolve_extent(self.extent, kv)
+        ext = self.extent                   # the user's R (the op itself gets extents capped at the axes)
         after = self.options.get("after") or ext
         shift = self.options.get("border") == "shift"
         shape = [self.heads] + [2 * bias_radius(e, a, shift) + 1 for e, a in zip(ext, after)]
@@ -85,6 +85,8 @@ CASES = (
     + _variants(2, (1, 11, 13), 4, 2, 40, (0, 3, 3), causal=True)
     + _variants(1, (3, 6, 7), 4, 2, 8, (1, 2, 1), border="shift", after=(0, 1, 0))
     + _variants(2, (4, 5, 6), 4, 2, 8, (1, 1, 2), kv_grid=(2, 9, 11), dilation=(1, 2, 2), stride=(1, 3, 1))
+    # Extents past the axis lengths: the op gets them capped, the bias keeps the user's R (3, 4, 2).
+    + _variants(2, (2, 3, 5), 4, 2, 8, (3, 4, 2), causal=True)
 )
 
 

@@ -34,13 +34,17 @@ from nuwa3dna.kernels.geometry import grid_coords, visible
 from nuwa3dna.kernels.windows import Options, axis_offsets, bias_radius
 
 
-def radii(extent, opts: Options = PLAIN) -> Tuple[int, int, int]:
-    """R per axis of a bias table for resolved ``extent``."""
-    return tuple(bias_radius(extent[a], opts.axis(a, extent)["after"], opts.shift) for a in range(3))
+def radii(bias: torch.Tensor) -> Tuple[int, int, int]:
+    """R per axis of a bias table (Hq, 2Rt+1, 2Rh+1, 2Rw+1). From its shape, not from the
+    extent: the op gets extents capped at the axis lengths, the bias keeps the user's R
+    (``windows.bias_radius`` of the extent as given)."""
+    return tuple((n - 1) // 2 for n in bias.shape[1:])
 
 
-def _offsets(n: int, m: int, a: int, extent, opts: Options) -> torch.Tensor:
-    return axis_offsets(n, m, **opts.axis(a, extent))
+def _offsets(n: int, m: int, a: int, extent, opts: Options, R: int) -> torch.Tensor:
+    """(n, m) bias index (j - l) // d + R of axis ``a`` (``windows.axis_offsets`` shifted to ``R``)."""
+    kw = opts.axis(a, extent)
+    return axis_offsets(n, m, **kw) + (R - bias_radius(kw["before"], kw["after"], kw["shift"]))
 
 
 def table(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -62,10 +66,10 @@ class TileIndex:
         return self.idx.element_size()
 
 
-def _frame_classes(g: Geometry, q_grid, kv_grid, extent, causal: bool, opts: Options):
+def _frame_classes(g: Geometry, q_grid, kv_grid, extent, causal: bool, opts: Options, Rt: int):
     """Classes (T offset, own frame) sorted so the query frames of a run (t ascending: offset
     descending) are usually consecutive classes; per run the class of each of its frames."""
-    off_t = _offsets(q_grid[0], kv_grid[0], 0, extent, opts)
+    off_t = _offsets(q_grid[0], kv_grid[0], 0, extent, opts, Rt)
     qt, kt = g.perms[4], g.perms[5]
     per_run = []
     for a, t0, t1 in g.runs:
@@ -83,10 +87,11 @@ def _frame_classes(g: Geometry, q_grid, kv_grid, extent, causal: bool, opts: Opt
     return classes, tuple(runs)
 
 
-def _tile_index(q_grid, kv_grid, extent, causal: bool, g: Geometry, opts: Options, limit: int) -> TileIndex:
+def _tile_index(q_grid, kv_grid, extent, causal: bool, g: Geometry, opts: Options, limit: int,
+                R) -> TileIndex:
     _, H, W = q_grid
     _, H2, W2 = kv_grid
-    Rt, Rh, Rw = radii(extent, opts)
+    Rt, Rh, Rw = R
     nH, nW = 2 * Rh + 1, 2 * Rw + 1
     P = (2 * Rt + 1) * nH * nW
     bh, bw = g.bh, g.bw
@@ -105,20 +110,20 @@ def _tile_index(q_grid, kv_grid, extent, causal: bool, g: Geometry, opts: Option
                 h, b = qp[h], kp[b]
             else:
                 w, c = qp[w], kp[c]
-    spatial = _offsets(H, H2, 1, extent, opts)[h, b] * nW + _offsets(W, W2, 2, extent, opts)[w, c]
+    spatial = _offsets(H, H2, 1, extent, opts, Rh)[h, b] * nW + _offsets(W, W2, 2, extent, opts, Rw)[w, c]
     shape = (g.nht, g.ns, bh * bw, g.lh * g.lw)
     spatial, pad_q = spatial.reshape(shape), pad_q.expand(*spatial.shape).reshape(shape)
     hidden = window_bias(q_grid, kv_grid, extent, causal, g, torch.float32, limit, opts) == float("-inf")
-    classes, runs = _frame_classes(g, q_grid, kv_grid, extent, causal, opts)
+    classes, runs = _frame_classes(g, q_grid, kv_grid, extent, causal, opts, Rt)
     idx = torch.stack([torch.where(pad_q, P, torch.where(hidden[int(own)], P + 1, spatial + t * nH * nW))
                        for t, own in classes], 2)
     return TileIndex(idx.contiguous(), runs)
 
 
-def tile_index(q_grid, kv_grid, extent, causal: bool, g: Geometry, opts: Options, limit: int) -> TileIndex:
-    """The cached slot index of the tile loops (module doc)."""
-    key = ("bias-tiles", q_grid, kv_grid, extent, causal, g) + (() if opts.plain else (opts,))
-    return MASKS.get(key, lambda: _tile_index(q_grid, kv_grid, extent, causal, g, opts, limit), limit)
+def tile_index(q_grid, kv_grid, extent, causal: bool, g: Geometry, opts: Options, limit: int, R) -> TileIndex:
+    """The cached slot index of the tile loops (module doc) for a bias of radii ``R``."""
+    key = ("bias-tiles", q_grid, kv_grid, extent, causal, g, R) + (() if opts.plain else (opts,))
+    return MASKS.get(key, lambda: _tile_index(q_grid, kv_grid, extent, causal, g, opts, limit, R), limit)
 
 
 class TileBias:
@@ -143,7 +148,7 @@ class TileBias:
 
     def _select(self, x: torch.Tensor, blk) -> torch.Tensor:
         cls = self.ti.runs[blk.run]
-        return x[:, :, cls] if isinstance(cls, slice) else x.index_select(2, cls)
+        return x[:, :, cls] if isinstance(cls, slice) else x.index_select(2, cls.to(x.device))
 
     def _rows(self, blk):
         """Batch*kv-head rows b0..b1 of a block: (whole cycles of Hk, or the kv heads h0..h1 of one entry)."""
@@ -191,20 +196,20 @@ class TileBias:
         return out[:, :self.P].reshape(bias.shape).to(bias.dtype)
 
 
-def _flat_index(q_grid, kv_grid, extent, causal: bool, opts: Options) -> torch.Tensor:
-    Rt, Rh, Rw = radii(extent, opts)
+def _flat_index(q_grid, kv_grid, extent, causal: bool, opts: Options, R) -> torch.Tensor:
+    Rt, Rh, Rw = R
     nH, nW = 2 * Rh + 1, 2 * Rw + 1
     P = (2 * Rt + 1) * nH * nW
     qc, kc = grid_coords(q_grid), grid_coords(kv_grid)
     idx = None
     for a, mult in ((0, nH * nW), (1, nW), (2, 1)):
-        off = _offsets(q_grid[a], kv_grid[a], a, extent, opts)[qc[:, a]][:, kc[:, a]] * mult
+        off = _offsets(q_grid[a], kv_grid[a], a, extent, opts, R[a])[qc[:, a]][:, kc[:, a]] * mult
         idx = off if idx is None else idx + off
     ok = visible(qc, kc, q_grid, kv_grid, extent, opts.causal(causal), **opts.kwargs())
     return torch.where(ok, idx, P + 1).to(torch.int32)
 
 
-def flat_index(q_grid, kv_grid, extent, causal: bool, opts: Options, limit: int) -> torch.Tensor:
-    """(Nq, Nk) int32 slots of the fused strategy's per-head mask (module doc), cached."""
-    key = ("bias-flat", q_grid, kv_grid, extent, causal) + (() if opts.plain else (opts,))
-    return MASKS.get(key, lambda: _flat_index(q_grid, kv_grid, extent, causal, opts), limit)
+def flat_index(q_grid, kv_grid, extent, causal: bool, opts: Options, limit: int, R) -> torch.Tensor:
+    """(Nq, Nk) int32 slots of the fused strategy's per-head mask (module doc) for radii ``R``, cached."""
+    key = ("bias-flat", q_grid, kv_grid, extent, causal, R) + (() if opts.plain else (opts,))
+    return MASKS.get(key, lambda: _flat_index(q_grid, kv_grid, extent, causal, opts, R), limit)

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from nuwa3dna.kernels.cpu.bias import TileBias, tile_index
+from nuwa3dna.kernels.cpu.bias import TileBias, radii, tile_index
 
 from nuwa3dna.kernels.cpu.layout import relay, strips_kv, tile_rows, unrelay, untile_rows
 from nuwa3dna.kernels.cpu.planner import PLAIN, CpuConfig, Geometry, plan, window_bias
@@ -58,7 +58,7 @@ def setup(q, k, extent, causal: bool, config: CpuConfig, workers: int, opts: Opt
         bias = bias.to(q.device)
     ws, rel = workspace(), None
     if rel_bias is not None:
-        ti = tile_index(q_grid, kv_grid, tuple(extent), causal, g, opts, config.mask_cache_limit)
+        ti = tile_index(q_grid, kv_grid, tuple(extent), causal, g, opts, config.mask_cache_limit, radii(rel_bias))
         rel = TileBias(rel_bias, ti, Hk, acc, ws, q.device)
     return Call(g, acc, bias, ws, workers, B * Hk, g.max_nf, heads // Hk, Hk, rel)
 

@@ -16,6 +16,15 @@ resolved (three ints). Two strategies, chosen per problem by ``sdpa.use_sdpa``
 small or widely visible score matrices, PyTorch's fused flash kernel with the
 window mask (``sdpa``). Both save the same natural log-sum-exp. The ops run on
 any device (pure torch); worker threads are used on CPU only. Differentiating the backward again raises a clear error.
+
+k and v may have fewer heads than q (grouped queries: head h uses kv head
+h // (Hq // Hk)); ``bias`` is the relative position bias (Hq, 2Rt+1, 2Rh+1,
+2Rw+1) or None (``bias.py``). A call with a bias takes the fused forward where
+the strategy choice says so, and always the tile backward: the fused kernel's
+backward gives no gradient of its mask. Measured paired on 2 cores at the
+model's video layer (B 8, 4x8x8, 4 heads, D 32, extent (1, 2, 2), causal),
+forward + backward with a bias: fused forward + tile backward 26.7 ms, tile
+loops for both 54.6 ms (plain fused: 12.3 ms); (1, 3, 3): 48 vs 76 ms.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from functools import lru_cache
 
 import torch
 
-from nuwa3dna.kernels.cpu.bias import flat_index, table
+from nuwa3dna.kernels.cpu.bias import flat_index, radii, table
 from nuwa3dna.kernels.cpu.planner import MASKS, CpuConfig
 from nuwa3dna.kernels.cpu.workers import on_lead, run
 from nuwa3dna.kernels.geometry import count_visible, grid_coords, visible
@@ -125,7 +125,7 @@ def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig, opts
         if rel_bias is None:
             mask = _mask(q_grid, kv_grid, tuple(extent), causal, q.dtype, config.mask_cache_limit, opts)
         else:
-            idx = flat_index(q_grid, kv_grid, tuple(extent), causal, opts, config.mask_cache_limit)
+            idx = flat_index(q_grid, kv_grid, tuple(extent), causal, opts, config.mask_cache_limit, radii(rel_bias))
             mask = lambda h0, h1: _bias_mask(rel_bias, idx, h0, h1, acc)
         qh, kh, vh = _heads_first(q), _heads_first(k), _heads_first(v)     # [B, heads, N, D]
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
