@@ -90,6 +90,9 @@ class NuwaConfig:
     # ~95-nat video; before rotary+weighting, swapping the caption's direction
     # moved the loss by 0.2 nats (measured, TRAINING.md).
     motion_weight: float = 1.0
+    # Named set of colour-shape(-direction) combinations kept out of all training
+    # (model/holdout.py; "" = none); evaluate scores them as "held-out combinations".
+    holdout: str = ""
 
     def __post_init__(self):
         for name in EXTENT_FIELDS:
@@ -129,6 +132,8 @@ class NuwaConfig:
         if isinstance(self.motion_weight, bool) or not isinstance(self.motion_weight, (int, float)) \
                 or not self.motion_weight >= 1.0:
             raise ValueError(f"motion_weight must be a number >= 1, got {self.motion_weight=}")
+        from nuwa3dna.model.holdout import holdout_combos
+        holdout_combos(self.holdout)          # ValueError for an unknown set
         if not 0.0 < float(self.vq_ema_decay) < 1.0:
             raise ValueError(f"vq_ema_decay must be in (0, 1), got {self.vq_ema_decay=}")
         if not (isinstance(self.i2i_given_rows, int) and 0 <= self.i2i_given_rows < self.token_grid[1]):

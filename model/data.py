@@ -16,11 +16,12 @@ What a sample carries:
 * ``objects``: the ground-truth ``ShapeParams`` (colour, shape, direction,
   radius, integer centre per frame).
 
-Manipulation pairs (``make_edit_pair``) change ONE attribute of one object -
-colour, shape or (videos only) direction - and keep everything else (start
-position, size, other objects). The edit text is the caption of the TARGET
-("a blue circle moves left" when the source was "a red circle moves left"):
-the model sees the source pixels plus the description of the wanted result.
+Manipulation pairs (``make_edit_pair``, model/edits.py, re-exported here)
+change ONE attribute of one object and keep everything else.
+
+Held-out compositions (model/holdout.py): ``DataConfig.exclude`` redraws every
+sample holding one of its combinations; ``DataConfig.only`` makes the first
+object one of them. Without either, every stream is exactly what it was.
 
 Sizes (defaults for 32 x 32 px, scaled linearly with ``image_size``): radius
 5-7 px, so the smallest shape still spans 2-3 tokens of a 4x-downsampling
@@ -77,6 +78,10 @@ class DataConfig:
     radius: Tuple[int, int] = (5, 7)
     speed: int = 4
     diagonals: bool = False
+    # Held-out compositions (model/holdout.py): samples holding one of ``exclude`` are
+    # redrawn; with ``only``, the first object is always one of them (evaluation).
+    exclude: Tuple[Tuple[str, ...], ...] = ()
+    only: Tuple[Tuple[str, ...], ...] = ()
 
     def __post_init__(self):
         for name in ("image_size", "frames", "min_objects", "max_objects", "speed"):
@@ -93,6 +98,12 @@ class DataConfig:
         lo, hi = self.radius
         if not (1 <= lo <= hi):
             raise ValueError(f"radius must be (lo, hi) with 1 <= lo <= hi, got radius={self.radius}")
+        for name in ("exclude", "only"):
+            for combo in getattr(self, name):
+                if not (isinstance(combo, tuple) and len(combo) in (2, 3) and combo[0] in COLORS
+                        and combo[1] in SHAPES and (len(combo) == 2 or combo[2] in self.directions)):
+                    raise ValueError(f"DataConfig.{name}: {combo!r} is not a (colour, shape[, direction]) "
+                                     f"combination of this data")
 
     @property
     def directions(self) -> Tuple[str, ...]:
@@ -148,14 +159,6 @@ class Sample:
     @property
     def frames(self) -> int:
         return self.video.shape[0]
-
-
-@dataclass
-class EditPair:
-    source: Sample
-    target: Sample
-    text: str                    # the target's caption
-    attribute: str               # "color", "shape" or "direction"
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -275,11 +278,17 @@ def _apart(a: ShapeParams, b: ShapeParams, gap: int = 1) -> bool:
     return True
 
 
-def _sample_one(rng, cfg, frames, color):
+def _sample_one(rng, cfg, frames, color, combo=None):
+    """One object of ``color``; ``combo`` (colour, shape[, direction]) fixes its shape (and direction)."""
     lo, hi = cfg.px_radius
     for _ in range(100):
-        shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        direction = cfg.directions[int(rng.integers(len(cfg.directions)))] if frames > 1 else "still"
+        shape = SHAPES[int(rng.integers(len(SHAPES)))] if combo is None else combo[1]
+        if frames == 1:
+            direction = "still"
+        elif combo is not None and len(combo) == 3:
+            direction = combo[2]
+        else:
+            direction = cfg.directions[int(rng.integers(len(cfg.directions)))]
         r = int(rng.integers(lo, hi + 1))
         (x_lo, x_hi), (y_lo, y_hi) = _start_range(shape, r, direction, cfg.px_speed, frames, cfg.image_size)
         if x_lo <= x_hi and y_lo <= y_hi:
@@ -288,18 +297,33 @@ def _sample_one(rng, cfg, frames, color):
     raise ValueError(f"no shape fits in {cfg.image_size}px frames with {cfg.radius=}, {cfg.speed=}")
 
 
+def _held_out(objects, cfg: DataConfig, frames: int) -> bool:
+    from nuwa3dna.model.holdout import any_match
+    return bool(cfg.exclude) and any_match(objects, cfg.exclude, frames > 1)
+
+
 def sample_objects(rng: np.random.Generator, cfg: DataConfig, frames: int) -> Tuple[ShapeParams, ...]:
+    """Objects of one sample; without ``cfg.exclude``/``cfg.only`` the stream is as it always was."""
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     colors = [COLOR_NAMES[int(c)] for c in rng.permutation(len(COLOR_NAMES))[:n]]
+    combo = None
+    if cfg.only:
+        combos = [c for c in cfg.only if frames > 1 or len(c) == 2]
+        if not combos:
+            raise ValueError(f"DataConfig.only holds no combination for images (pairs): {cfg.only}")
+        combo = combos[int(rng.integers(len(combos)))]
+        colors = [combo[0]] + [c for c in colors if c != combo[0]][:n - 1]
     # Whole-layout retries: a bad first object can leave no room for the rest.
     for _ in range(200):
         objects = []
-        for c in colors:
-            obj = _sample_one(rng, cfg, frames, c)
+        for k, c in enumerate(colors):
+            obj = _sample_one(rng, cfg, frames, c, combo if k == 0 else None)
             if not all(_apart(obj, o) for o in objects):
                 break
             objects.append(obj)
         else:
+            if _held_out(objects, cfg, frames):
+                continue
             return tuple(objects)
     raise ValueError(f"could not place {n} objects in {cfg.image_size}px frames; "
                      f"lower max_objects ({cfg.max_objects=}) or radius ({cfg.radius=})")
@@ -326,63 +350,6 @@ def make_sample(seed: int, index: int = 0, cfg: DataConfig = DataConfig(),
     return sample_from_objects(objects, cfg, frames)
 
 
-def edit_objects(objects: Sequence[ShapeParams], attribute: str, rng: np.random.Generator,
-                 cfg: DataConfig, frames: int) -> Optional[Tuple[ShapeParams, ...]]:
-    """Change ``attribute`` of one object; None if no valid change exists."""
-    i = int(rng.integers(len(objects)))
-    obj = objects[i]
-    others = objects[:i] + objects[i + 1:]
-    if attribute == "color":
-        used = {o.color for o in objects}
-        choices = [c for c in COLOR_NAMES if c not in used]
-        new = replace(obj, color=choices[int(rng.integers(len(choices)))]) if choices else None
-    elif attribute == "shape":
-        choices = [s for s in SHAPES if s != obj.shape
-                   and _fits(s, obj.radius, obj.positions, cfg.image_size)]
-        new = replace(obj, shape=choices[int(rng.integers(len(choices)))]) if choices else None
-    elif attribute == "direction":
-        if frames < 2:
-            return None
-        choices = []
-        for d in cfg.directions:
-            if d == obj.direction:
-                continue
-            cand = replace(obj, direction=d, positions=_trajectory(obj.positions[0], d, cfg.px_speed, frames))
-            if _fits(cand.shape, cand.radius, cand.positions, cfg.image_size):
-                choices.append(cand)
-        new = choices[int(rng.integers(len(choices)))] if choices else None
-    else:
-        raise ValueError(f"unknown edit attribute: {attribute=}; expected one of {EDIT_ATTRIBUTES}")
-    if new is None or not all(_apart(new, o) for o in others):
-        return None
-    return objects[:i] + (new,) + objects[i + 1:]
-
-
-def make_edit_pair(seed: int, index: int = 0, cfg: DataConfig = DataConfig(),
-                   frames: Optional[int] = None, attributes: Optional[Sequence[str]] = None) -> EditPair:
-    """Source sample and a target differing in one attribute (direction only
-    for videos); ``text`` is the target's caption."""
-    frames = cfg.frames if frames is None else frames
-    if attributes is None:
-        attributes = EDIT_ATTRIBUTES if frames > 1 else ("color", "shape")
-    for a in attributes:
-        if a not in EDIT_ATTRIBUTES:
-            raise ValueError(f"unknown edit attribute: {a=}; expected one of {EDIT_ATTRIBUTES}")
-    rng = _rng(seed, index)
-    objects = sample_objects(rng, cfg, frames)
-    for _ in range(100):
-        attribute = attributes[int(rng.integers(len(attributes)))]
-        new = edit_objects(objects, attribute, rng, cfg, frames)
-        if new is not None:
-            break
-        objects = sample_objects(rng, cfg, frames)
-    else:
-        raise ValueError(f"no valid edit of {attributes=} found for {seed=}, {index=}")
-    source = sample_from_objects(objects, cfg, frames)
-    target = sample_from_objects(new, cfg, frames)
-    return EditPair(source, target, target.caption, attribute)
-
-
 # ----------------------------------------------------------------------------- batches
 
 def make_batch(batch_size: int, seed: int, start: int = 0, cfg: DataConfig = DataConfig(),
@@ -396,11 +363,6 @@ def make_batch(batch_size: int, seed: int, start: int = 0, cfg: DataConfig = Dat
                 text=[s.caption for s in samples], samples=samples)
 
 
-def make_edit_batch(batch_size: int, seed: int, start: int = 0, cfg: DataConfig = DataConfig(),
-                    frames: Optional[int] = None, attributes=None) -> dict:
-    """Edit pairs stacked: ``source``/``target`` (B,T,3,H,W), ``text`` (target
-    captions), ``pairs`` (the EditPair objects)."""
-    pairs = [make_edit_pair(seed, start + i, cfg, frames, attributes) for i in range(batch_size)]
-    return dict(source=torch.stack([p.source.video for p in pairs]),
-                target=torch.stack([p.target.video for p in pairs]),
-                text=[p.text for p in pairs], pairs=pairs)
+# Manipulation pairs live in model/edits.py; imported here (at the end: edits imports this module)
+# so ``data.make_edit_pair`` and friends keep working.
+from nuwa3dna.model.edits import EditPair, edit_objects, make_edit_batch, make_edit_pair  # noqa: E402,F401

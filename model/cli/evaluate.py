@@ -62,10 +62,16 @@ def _f4(x: float) -> str:
 class Evaluation:
     """One checkpoint's evaluation: its inputs per task, its sampling and the rows so far."""
 
-    def __init__(self, pipe, samples: int, seed: int, sampling: Dict, progress: bool):
+    def __init__(self, pipe, samples: int, seed: int, sampling: Dict, progress: bool, holdout: str = None):
         from nuwa3dna.model import data
+        from nuwa3dna.model.holdout import holdout_combos
         self.pipe, self.cfg, self.samples, self.seed = pipe, pipe.config, samples, seed
-        self.dcfg = data.DataConfig.from_model_config(pipe.config)
+        # In-distribution streams leave out the checkpoint's held-out set; the held-out
+        # rows score ``holdout`` (default: that set).
+        self.holdout = pipe.config.holdout if holdout is None else holdout
+        self.dcfg = data.DataConfig.from_model_config(pipe.config, exclude=holdout_combos(pipe.config.holdout))
+        self.held_cfg = data.DataConfig.from_model_config(pipe.config, only=holdout_combos(self.holdout)) \
+            if self.holdout else None
         self.sampling, self.progress = sampling or {}, progress
         self.rows: List[Dict] = []
 
@@ -123,6 +129,22 @@ def _caption_rows(ev: Evaluation, task: str, out, samples, gt: bool, label: str 
         g = [oracle.attribute_scores(s.video, s.objects, ev.dcfg) for s in samples]
         ev.row(task, f"{label}oracle on ground truth ({name})",
                np.mean([float(all(x[k] == 1.0 for k in use)) for x in g]), _pct)
+
+
+HELD_OUT = "held-out combinations: "
+
+
+def _held_out(ev: Evaluation, task: str) -> None:
+    """t2i, t2v on captions of the held-out set only (model/holdout.py): the same rows, labelled."""
+    from nuwa3dna.model import data
+    from nuwa3dna.model.tasks import TASKS
+    if ev.held_cfg is None or (ev.frames(task) == 1 and not any(len(c) == 2 for c in ev.held_cfg.only)):
+        return
+    b = data.make_batch(ev.samples, ev.seed * 10 + 100 + TASKS.index(task), 0, ev.held_cfg, ev.frames(task))
+    out = ev.generate(task, text=b["text"])
+    seen = ev.holdout != ev.cfg.holdout
+    _caption_rows(ev, task, out, b["samples"], gt=True,
+                  label=HELD_OUT.replace(": ", " (SEEN in training): ") if seen else HELD_OUT)
 
 
 def _sketch(ev: Evaluation, task: str) -> None:
@@ -238,13 +260,32 @@ def _tokenizers(ev: Evaluation) -> None:
 
 
 def evaluate(pipe, samples: int = 16, seed: int = EVAL_SEED, sampling: Dict = None,
-             tasks=None, progress: bool = False) -> List[Dict]:
-    """-> rows {task, metric, value (str), target (str), ok (bool|None), raw (float)}."""
-    ev = Evaluation(pipe, samples, seed, sampling, progress)
+             tasks=None, progress: bool = False, holdout: str = None) -> List[Dict]:
+    """-> rows {task, metric, value (str), target (str), ok (bool|None), raw (float)}.
+
+    With a held-out set (the checkpoint's ``config.holdout``, or ``holdout``),
+    t2i and t2v also get rows on its combinations (metric prefixed ``HELD_OUT``)."""
+    ev = Evaluation(pipe, samples, seed, sampling, progress, holdout)
     for task in parse_tasks(None) if tasks is None else tasks:
         METRICS[task](ev, task)
+        if task in ("t2i", "t2v"):
+            _held_out(ev, task)
     _tokenizers(ev)
     return ev.rows
+
+
+def held_out_table(rows: List[Dict]) -> str:
+    """In-distribution and held-out values side by side, one line per metric that has both ('' if none)."""
+    held = {(r["task"], r["metric"].split(": ", 1)[1]): r for r in rows if r["metric"].startswith("held-out")}
+    if not held:
+        return ""
+    label = next(iter(held.values()))["metric"].split(": ", 1)[0]
+    lines = [f"| task | metric | in-distribution | {label} |", "|---|---|---|---|"]
+    for r in rows:
+        h = held.get((r["task"], r["metric"]))
+        if h is not None:
+            lines.append(f"| {r['task']} | {r['metric']} | {r['value']} | {h['value']} |")
+    return "\n".join(lines)
 
 
 def markdown(rows: List[Dict]) -> str:
@@ -261,6 +302,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--samples", type=int, default=16, help="examples per task")
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--tasks", default=None, help="comma-separated subset")
+    p.add_argument("--holdout", default=None,
+                   help="held-out set to score (model/holdout.py; default: the checkpoint's config.holdout; "
+                        "rows say SEEN in training when the checkpoint was trained on it)")
     add_sampling_args(p)
     p.add_argument("--progress", action="store_true")
     return p
@@ -272,8 +316,15 @@ def run(args) -> List[Dict]:
     tasks = parse_tasks(args.tasks)
     t0 = time.time()
     pipe = load_pipeline(args.checkpoint, args.device).eval()
-    rows = evaluate(pipe, args.samples, args.seed, sampling_args(args), tasks=tasks, progress=args.progress)
+    if args.holdout is not None:
+        from nuwa3dna.model.holdout import holdout_combos
+        holdout_combos(args.holdout)          # an unknown name fails before any sampling
+    rows = evaluate(pipe, args.samples, args.seed, sampling_args(args), tasks=tasks, progress=args.progress,
+                    holdout=args.holdout)
     print(markdown(rows))
+    side = held_out_table(rows)
+    if side:
+        print("\n" + side)
     used = "; ".join(f"{t}: " + ", ".join(f"{k}={v}" for k, v in sampling_for(t, **sampling_args(args)).items())
                      for t in tasks)
     print(f"\n{args.samples} samples per task (seed {args.seed}), checkpoint {args.checkpoint}, "

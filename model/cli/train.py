@@ -84,6 +84,9 @@ def build_parser() -> OneLineParser:
                    help="training data: a folder with captions.jsonl and images/GIF videos (model/datasets.py), "
                         "or 'procedural' (default: the moving-shapes generator, model/data.py)")
     p.add_argument("--max-objects", type=int, default=1, help="shapes per sample (procedural data)")
+    p.add_argument("--holdout", default=None,
+                   help="named set of colour-shape(-direction) combinations to keep out of all training "
+                        "(model/holdout.py, e.g. combos-v1; recorded in the config; every stage must use it)")
     p.add_argument("--cond-drop", type=float, default=None, help="override config.cond_drop")
     p.add_argument("--motion-weight", type=float, default=None, help="override config.motion_weight")
     p.add_argument("--caption-contrast", type=float, default=0.0,
@@ -117,6 +120,8 @@ def train(args) -> dict:
         config.cond_drop = float(args.cond_drop)
     if args.motion_weight is not None:
         config = dataclasses.replace(config, motion_weight=float(args.motion_weight))   # validates it
+    if args.holdout is not None:
+        config = dataclasses.replace(config, holdout=args.holdout)                      # validates it
     dist = Dist(args.device)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed + 1000 * dist.rank)   # dropout / restarts: per-rank streams

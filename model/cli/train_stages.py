@@ -133,7 +133,9 @@ def build_stage(args, config, dist: Dist):
     from nuwa3dna.model.data import DataConfig
     from nuwa3dna.model.datasets import make_dataset
     from nuwa3dna.model.tasks import TASKS
-    data_cfg = DataConfig.from_model_config(config, max_objects=args.max_objects)
+    from nuwa3dna.model.holdout import holdout_combos
+    data_cfg = DataConfig.from_model_config(config, max_objects=args.max_objects,
+                                            exclude=holdout_combos(config.holdout))
     B = args.batch_size
     if args.data not in (None, "procedural") and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data: no such folder {args.data!r} (a folder with captions.jsonl, "
@@ -167,6 +169,10 @@ def build_stage(args, config, dist: Dist):
     parse_tasks(args.tasks)                  # names checked before any loading
     if args.init is not None:
         pipe = NuwaPipeline.load(args.init, map_location=str(dist.device))
+        if pipe.config.holdout != config.holdout:
+            raise ValueError(f"--init {args.init!r} was trained with held-out set {pipe.config.holdout!r}, "
+                             f"this run asks for {config.holdout!r}: a fine-tune cannot un-see combinations; "
+                             f"train every stage from scratch with --holdout")
         if args.add_rotary:
             pipe = pipe.with_rotary()
         pipe.config.cond_drop = config.cond_drop
@@ -177,8 +183,12 @@ def build_stage(args, config, dist: Dist):
             raise ValueError("--add-rotary needs --init (a fresh model takes rotary from its --config)")
         tok_dir = args.tokenizers or args.out
         tok, sk = VQTokenizer.from_config(config), SketchTokenizer.from_config(config)
-        load_module(tok, os.path.join(tok_dir, TOKENIZER_FILE))
-        load_module(sk, os.path.join(tok_dir, SKETCH_TOKENIZER_FILE))
+        for mod, fname in ((tok, TOKENIZER_FILE), (sk, SKETCH_TOKENIZER_FILE)):
+            load_module(mod, os.path.join(tok_dir, fname))
+            seen = _trained_holdout(os.path.join(tok_dir, fname))
+            if seen != config.holdout:
+                raise ValueError(f"{fname} in {tok_dir!r} was trained with held-out set {seen!r}, this run "
+                                 f"asks for {config.holdout!r}: train the tokenizers with the same --holdout")
         pipe = NuwaPipeline(config=config, tokenizer=tok, sketch_tokenizer=sk).to(dist.device)
     pipe.tokenizer.requires_grad_(False).eval()
     pipe.sketch_tokenizer.requires_grad_(False).eval()
@@ -204,6 +214,17 @@ def build_stage(args, config, dist: Dist):
     def save_fn(final):
         pipe.save(args.out)
     return pipe.nuwa, _NuwaLoss(pipe, args.caption_contrast), batch_fn, save_fn
+
+
+def _trained_holdout(path: str) -> str:
+    """The held-out set recorded in a tokenizer file's config metadata ('' if none)."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as fh:
+        meta = fh.metadata() or {}
+    try:
+        return json.loads(meta.get("config", "{}")).get("holdout", "")
+    except (ValueError, AttributeError):
+        return ""
 
 
 # ----------------------------------------------------------------------------- training state
