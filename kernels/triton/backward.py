@@ -14,7 +14,7 @@ import triton.language as tl
 
 from nuwa3dna.kernels.triton.jit import (
     C_LOG2E, RUNTIME_SIZES, axis_tables, dot, dot_acc, key_mask, key_tile, load_rows, program_tile,
-    query_range, query_walk, store_rows, tile_coords, tile_mask, token_offsets)
+    query_range, query_walk, store_rows, tile_coords, tile_mask, to_store, token_offsets)
 
 
 @triton.jit(do_not_specialize=("T", "H", "W", "n_heads"))
@@ -183,10 +183,10 @@ def bwd_dkdv_kernel(
 
     if DO_DK:
         store_rows(DK + b * sdk_b + hd * sdk_n, token_offsets(mkt, mkh, mkw, sdk_t, sdk_h, sdk_w), k_ok,
-                   offs_d, sdk_d, D, (dk * scale).to(DK.dtype.element_ty), EVEN_D)
+                   offs_d, sdk_d, D, to_store(dk * scale, DK.dtype.element_ty, UPCAST_DOT), EVEN_D)
     if DO_DV:
         store_rows(DV + b * sdv_b + hd * sdv_n, token_offsets(mkt, mkh, mkw, sdv_t, sdv_h, sdv_w), k_ok,
-                   offs_d, sdv_d, D, dv.to(DV.dtype.element_ty), EVEN_D)
+                   offs_d, sdv_d, D, to_store(dv, DV.dtype.element_ty, UPCAST_DOT), EVEN_D)
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
@@ -236,4 +236,4 @@ def bwd_dq_kernel(
         dq = dot_acc(dq, ds, k, UPCAST_DOT)                             # [BLOCK_Q, BLOCK_D]
 
     store_rows(DQ + b * sdq_b + hd * sdq_n, token_offsets(qt, qh, qw, sdq_t, sdq_h, sdq_w), q_ok,
-               offs_d, sdq_d, D, (dq * scale).to(DQ.dtype.element_ty), EVEN_D)
+               offs_d, sdq_d, D, to_store(dq * scale, DQ.dtype.element_ty, UPCAST_DOT), EVEN_D)

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from nuwa3dna.kernels.triton.jit import (
     C_LN2, C_NEG_BIG, RUNTIME_SIZES, dot, dot_acc, key_mask, key_tile, load_rows, query_walk, store_rows,
-    token_offsets)
+    to_store, token_offsets)
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
@@ -68,6 +68,6 @@ def fwd_kernel(
     l_i = tl.where(q_ok, l_i, 1.0)
     out = acc / l_i[:, None]                                            # [BLOCK_Q, BLOCK_D]
     store_rows(O + b * so_b + hd * so_n, token_offsets(qt, qh, qw, so_t, so_h, so_w), q_ok,
-               offs_d, so_d, D, out.to(O.dtype.element_ty), EVEN_D)
+               offs_d, so_d, D, to_store(out, O.dtype.element_ty, UPCAST_DOT), EVEN_D)
     lse = (m_i + tl.math.log2(l_i)) * C_LN2                             # [BLOCK_Q] natural log
     tl.store(LSE + bh.to(tl.int64) * (T * H * W) + rq, lse, mask=q_ok)
