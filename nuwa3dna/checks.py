@@ -12,7 +12,7 @@ from numbers import Real
 import torch
 
 from nuwa3dna.kernels.env import interpreter_enabled
-from nuwa3dna.kernels.windows import BORDERS, is_plain, options_text
+from nuwa3dna.kernels.windows import BORDERS
 
 BACKENDS = ("auto", "triton", "torch", "dense")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -115,10 +115,6 @@ def check_inputs(q, k, v, extent, causal, scale, backend, *, dilation=1, stride=
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be positive and finite, got {scale=}")
     check_backend(backend)
-    if backend == "triton" and not is_plain(causal, dilation, stride, border, after):
-        raise NotImplementedError(
-            f"{backend=} does not support {options_text(causal, dilation, stride, border, after)} yet; "
-            "use backend='torch' or 'dense' (or 'auto', which runs 'torch' for these options)")
     if backend == "triton":
         check_triton(q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

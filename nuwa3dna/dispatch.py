@@ -15,9 +15,9 @@ visible the fused kernel wins 4.8x. The fused strategy equals
 so it keeps the thread and fork rules of docs/design.md section 4, which a
 plain SDPA call in the caller's thread would not.
 
-Windows v2 (dilation, stride, per-axis causal, border="shift"; docs/design.md
-section 7): the Triton kernels do not take them yet, so auto runs the torch
-backend for them on every device (CUDA included), which picks its strategy with
+Windows v2 (dilation, stride, per-axis causal, border="shift", NATTEN's even
+kernels; docs/design.md section 7): on CUDA the Triton kernels take them (their
+window-table path); elsewhere the torch backend, which picks its strategy with
 the exact visible-pair count of those windows.
 """
 from __future__ import annotations
@@ -47,7 +47,9 @@ def choose_backend(q: torch.Tensor, k: torch.Tensor, extent, causal, *, dilation
     if not is_plain(causal, dilation, stride, border, after):
         text = options_text(causal, dilation, stride, border, after)
         if q.device.type == "cuda":
-            return "torch", f"{text}: the Triton kernels do not take these window options yet; the torch backend"
+            if q.dtype in TRITON_DTYPES:
+                return "triton", f"{text}: CUDA tensor in a Triton dtype (the kernels' window-table path)"
+            return "torch", f"{text}, {q.dtype} on CUDA: the tile backend (the Triton kernels take fp32/fp16/bf16)"
         opts = Options.of(causal, dilation, stride, border,
                           None if after is None else resolve_extent(after, kv_grid))
         fused = use_sdpa(q_grid, kv_grid, extent, causal is True, planner.DEFAULT, opts)
