@@ -105,6 +105,20 @@ def test_torch_global_tokens_and_lse(p, gen, strategy):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("p", PROBLEMS, ids=pid)
+def test_torch_every_option_together(p, gen):
+    """The CPU backend with grouped kv heads, a bias and global tokens on the random problems,
+    whose extents often pass their axis length (the backend gets them capped; the bias keeps
+    the user's R): out, lse and every gradient against dense, float64."""
+    q, k, v, ak, av, bias = make(p, gen, grad=True)
+    extent, causal, o = p[5], p[6], p[7]
+    extra = dict(bias=bias, additional_keys=ak, additional_values=av)
+    got = _grads("torch", q, k, v, extent, causal, o, 3, **extra)
+    want = _grads("dense", q, k, v, extent, causal, o, 3, **extra)
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv", "dbias", "dak", "dav"], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
 def test_torch_gradcheck_global_tokens_and_lse(gen):
     q_grid, extent = (2, 3, 4), (1, 1, 1)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
