@@ -54,7 +54,7 @@ import torch
 
 from benchmarks import peers
 from benchmarks.isolated import record_times, run_case
-from benchmarks.workloads import ALL_WORKLOADS, MODEL_WORKLOADS, problem_to_json
+from benchmarks.workloads import ALL_WORKLOADS, MODEL_WORKLOADS, VARIANTS, problem_to_json
 
 # gpu-large (2 x 16x48x48 tokens x 16 heads) is 36x cpu-mid's work: on CPU its
 # grid is divided by (2, 3, 3) to (8, 16, 16), as much work as cpu-mid.
@@ -199,4 +199,112 @@ def test_attention(benchmark, registry, matmul_rate, name, direction, backend, d
         except Exception as e:            # a probe failure must not hide the timing
             rec["peak_mb_error"] = str(e)[-300:]
     registry.add(name, direction, device, backend, rec)
+    benchmark.extra_info.update(rec)
+
+
+# ---------------------------------------------------------------- operator v2 variants (issue 14)
+# Each variant and its plain workload are timed interleaved, round by round, in one fresh
+# process (the ratio is what matters; separate processes here differ by more than it), and
+# their peak memory measured in one fresh process each (as benchmarks/memprobe.py does).
+
+def _variant_inputs(name, plain: bool):
+    import math
+
+    from nuwa3dna.kernels.windows import bias_radius
+    workload, kv_heads, bias = VARIANTS[name]
+    p = ALL_WORKLOADS[workload]
+    gen = torch.Generator().manual_seed(0)
+    hk = p.heads if plain or kv_heads is None else kv_heads
+    q = torch.randn(p.B, *p.q_grid, p.heads, p.D, generator=gen)
+    k, v = (torch.randn(p.B, *p.kv, hk, p.D, generator=gen) for _ in range(2))
+    b = None
+    if bias and not plain:
+        shape = (p.heads,) + tuple(2 * bias_radius(e) + 1 for e in p.resolved_extent)
+        b = torch.randn(shape, generator=gen) / math.sqrt(p.D)
+    return p, [q, k, v], b
+
+
+def _variant_call(name, plain: bool, direction: str):
+    from nuwa3dna import nearby_attention
+    p, qkv, b = _variant_inputs(name, plain)
+    xs = qkv + ([b] if b is not None else [])
+    if direction == "fwdbwd":
+        for x in xs:
+            x.requires_grad_(True)
+    dout = torch.randn(qkv[0].shape, generator=torch.Generator().manual_seed(1))
+
+    def call():
+        if direction == "fwd":
+            with torch.no_grad():
+                nearby_attention(*qkv, p.extent, p.causal, backend="torch", bias=b)
+        else:
+            out = nearby_attention(*qkv, p.extent, p.causal, backend="torch", bias=b)
+            torch.autograd.grad(out, xs, dout)
+    return call
+
+
+def variant_child(spec: dict) -> dict:
+    """Run in a fresh process: ``kind`` "time" (variant and plain interleaved) or "mem" (one call)."""
+    import os
+    import time
+    name, direction = spec["name"], spec["direction"]
+    if spec["kind"] == "mem":
+        from benchmarks.memprobe import _maxrss_mb, _reset_peak, _rss_mb
+        call = _variant_call(name, spec["plain"], direction)
+        _reset_peak()
+        base = _rss_mb()
+        call()
+        return {"peak_mb": _maxrss_mb() - base}
+    calls = {"variant": _variant_call(name, False, direction), "plain": _variant_call(name, True, direction)}
+    for c in calls.values():            # lazy init, caches, workspace: never timed
+        c()
+        c()
+    times = {n: [] for n in calls}
+    load = os.getloadavg()[0]
+    for i in range(spec["rounds"]):
+        for n in (("variant", "plain") if i % 2 == 0 else ("plain", "variant")):
+            t0 = time.perf_counter()
+            calls[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {"times": times, "loadavg": [load, os.getloadavg()[0]]}
+
+
+def _variant_run(spec: dict) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.isolated import MARK, ROOT, omp_wait_policy
+    code = ("import json, sys; from benchmarks.test_bench_attention import variant_child; "
+            f"print({MARK!r} + json.dumps(variant_child(json.loads(sys.argv[1]))))")
+    env = dict(os.environ, OMP_WAIT_POLICY=omp_wait_policy())
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
+                         timeout=1200, cwd=ROOT, env=env)
+    lines = [l for l in res.stdout.splitlines() if l.startswith(MARK)]
+    if res.returncode != 0 or not lines:
+        raise RuntimeError(f"variant case failed (rc {res.returncode}): {spec}\n{res.stderr[-3000:]}")
+    return json.loads(lines[-1][len(MARK):])
+
+
+VARIANT_CASES = [pytest.param(n, d, id=f"cpu-variant-{n}-{d}") for n in VARIANTS for d in ("fwd", "fwdbwd")]
+
+
+@pytest.mark.parametrize("name,direction", VARIANT_CASES)
+def test_variant(benchmark, registry, name, direction):
+    p = ALL_WORKLOADS[VARIANTS[name][0]]
+    res = _variant_run({"kind": "time", "name": name, "direction": direction, "rounds": 9})
+    record_times(benchmark, res["times"]["variant"])
+    t, t_plain = (statistics.median(res["times"][n]) for n in ("variant", "plain"))
+    flops = p.flops(backward=direction == "fwdbwd")
+    rec = {"workload": name, "problem": p.id, "scale": [1, 1, 1], "direction": direction, "backend": "torch",
+           "device": "cpu", "dtype": "float32", "median_ms": t * 1e3, "gflops": flops / t / 1e9,
+           "plain_ms_paired": t_plain * 1e3, "vs_plain_paired": t / t_plain, "rounds": len(res["times"]["variant"]),
+           "loadavg": res["loadavg"], "isolated": True}
+    try:
+        for key, plain in (("peak_mb", False), ("plain_peak_mb", True)):
+            rec[key] = _variant_run({"kind": "mem", "name": name, "direction": direction, "plain": plain})["peak_mb"]
+    except Exception as e:                # a probe failure must not hide the timing
+        rec["peak_mb_error"] = str(e)[-300:]
+    registry.add(name, direction, "cpu", "torch", rec)
     benchmark.extra_info.update(rec)

@@ -34,6 +34,14 @@ MODEL_WORKLOADS = {
 
 ALL_WORKLOADS = {**WORKLOADS, **MODEL_WORKLOADS}
 
+# Operator v2 beyond the window (issue 14), each timed against its plain workload
+# interleaved in one process (benchmarks/test_bench_attention.py, ``test_variant``):
+# name -> (workload, kv heads (None: as many as q), relative position bias).
+VARIANTS = {
+    "cpu-mid-kv2": ("cpu-mid", 2, False),       # GQA: 2 kv heads for 8 query heads
+    "cpu-mid-bias": ("cpu-mid", None, True),    # bias (8, 3, 7, 7)
+}
+
 
 def problem_to_json(p: Problem) -> dict:
     return dataclasses.asdict(p)

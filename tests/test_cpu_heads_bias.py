@@ -224,3 +224,39 @@ def test_tile_path_keeps_kv_heads_and_bounded_bias_index(gen, monkeypatch):
     assert keys and MASKS.nbytes() <= planner.DEFAULT.mask_cache_limit
     clear_workspace()
     assert not MASKS.items and not ws.bufs
+
+
+def test_fused_bias_mask_in_small_calls(gen, monkeypatch):
+    """The fused strategy's per-head bias mask capped per kernel call (``fused_bias_mask_bytes``):
+    one head per call here, groups split across calls, results unchanged."""
+    import dataclasses
+
+    from nuwa3dna.kernels.cpu import planner
+    monkeypatch.setattr(planner, "DEFAULT", dataclasses.replace(
+        planner.DEFAULT, fused_max_scores=1 << 40, fused_bias_mask_bytes=1))
+    case = Case(2, (3, 4, 5), 6, 2, 8, (1, 1, 2), causal=True, lse=False)
+    q, k, v, bias = case.make(gen=gen)
+    dout, dlse = torch.randn(q.shape, generator=gen), torch.randn(q.shape[:5], generator=gen)
+    ours, ref = (_grads(case, b, q, k, v, bias, dout, dlse) for b in ("torch", "dense"))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dbias"), ours, ref):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_with_bias_and_kv_heads(dtype, gen, strategy):
+    """fp16/bf16 q, k, v with a float32 bias and grouped kv heads, the lse used: the FlashAttention
+    rule, err(ours vs fp64) <= 2 * err(dense in dtype vs fp64) + atol, for every output."""
+    case = Case(2, (3, 5, 7), 4, 2, 24, (1, 2, 2), causal=True)
+    q, k, v, bias = case.make(gen=gen)
+    q, k, v = (x * 3 for x in (q, k, v))                  # peaky logits
+    dout = torch.randn(q.shape, generator=gen)
+    dlse = torch.randn(q.shape[:5], generator=gen)
+    low = [x.to(dtype) for x in (q, k, v)]
+    ours = _grads(case, "torch", *low, bias, dout.to(dtype), dlse)
+    dense = _grads(case, "dense", *low, bias, dout.to(dtype), dlse)
+    exact = _grads(case, "dense", *(x.double() for x in (q, k, v)), bias.double(), dout.double(), dlse.double())
+    atol = 1e-3 if dtype == torch.float16 else 4e-3
+    for name, a, b, r in zip(("out", "lse", "dq", "dk", "dv", "dbias"), ours, dense, exact):
+        assert a.dtype == b.dtype, name
+        err, base = ((x.double() - r).abs().max().item() for x in (a, b))
+        assert err <= 2 * base + atol * max(1.0, r.abs().max().item()), f"{name}: {err=} > 2 * {base=} + atol"

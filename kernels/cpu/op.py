@@ -49,11 +49,11 @@ def torch_fwd(q: Tensor, k: Tensor, v: Tensor, extent: List[int], causal: bool,
               scale: float, window: Optional[List[int]] = None,
               bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     config, opts = planner.DEFAULT, Options.decode(window)
-    impl = sdpa.forward if _fused(q, k, extent, causal, config, opts, bias) else forward
+    impl = sdpa.forward if _fused(q, k, extent, causal, config, opts) else forward
     return impl(q, k, v, tuple(extent), causal, scale, config, opts, bias)
 
 
-def _fused(q, k, extent, causal, config, opts, bias=None) -> bool:
+def _fused(q, k, extent, causal, config, opts) -> bool:
     if q.device.type != "cpu":      # the fused kernel (aten's flash attention for CPU) runs on CPU only
         return False
     return sdpa.use_sdpa(q.shape[1:4], k.shape[1:4], extent, causal, config, opts)

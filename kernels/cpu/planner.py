@@ -45,6 +45,10 @@ class CpuConfig:
         fused-kernel strategy (``sdpa``) replaces the tile loops: one head's
         Nq*Nk at most the first, or at most the second with at least that
         fraction visible (measured crossover, ``sdpa`` module doc).
+    fused_bias_mask_bytes: with a relative position bias the fused strategy's mask is
+        per head; kernel calls take at most this many bytes of it (fewer heads per
+        call): 16 MiB holds 8 heads at ``fused_max_scores`` in float32; a call costs
+        ~0.1 ms of set-up, a head at the wide limit ~10 ms of work.
     """
     chunk_elems: int = 320 * 1024
     parts_per_worker: int = 4
@@ -55,6 +59,7 @@ class CpuConfig:
     fused_max_scores: int = 1 << 19
     fused_max_scores_wide: int = 1 << 22
     fused_wide_fraction: float = 0.25
+    fused_bias_mask_bytes: int = 16 << 20
 
 
 DEFAULT = CpuConfig()

@@ -17,7 +17,8 @@ Grouped queries: the kernel takes k and v with fewer heads (query head h uses
 kv head h // G; its backward returns dK, dV summed over the group), so they
 are passed as they are; blocks of heads are whole groups or part of one group.
 A relative position bias makes the mask per head (float32/64, gathered per
-block of heads from ``bias.flat_index``); the kernel's backward returns no
+block of heads from ``bias.flat_index``, at most ``CpuConfig.fused_bias_mask_bytes``
+per kernel call); the kernel's backward returns no
 mask gradient, so calls with a bias take the tile backward (``op.torch_bwd``).
 A used log-sum-exp (``dlse``) enters the kernel's backward through one extra
 head-dim column (``backward``).
@@ -102,6 +103,21 @@ def _kv(h0: int, h1: int, G: int) -> slice:
     return slice(h0 // G, (h1 - 1) // G + 1)
 
 
+def _head_steps(h0: int, h1: int, G: int, step: int):
+    """Heads h0..h1 of one block in sub-blocks of at most ``step`` heads, each whole groups of G
+    or inside one group (what the kernel's grouped heads allow)."""
+    if step >= G and h0 % G == 0:
+        step -= step % G
+    out, h = [], h0
+    while h < h1:
+        end = min(h1, h + step)
+        if step < G:
+            end = min(end, (h // G + 1) * G)
+        out.append((h, end))
+        h = end
+    return out
+
+
 def _bias_mask(rel_bias, idx: torch.Tensor, h0: int, h1: int, acc) -> torch.Tensor:
     """(1, h1 - h0, Nq, Nk): window mask and relative position bias of heads h0..h1."""
     tab = table(rel_bias[h0:h1], acc)
@@ -136,13 +152,16 @@ def forward(q, k, v, extent, causal: bool, scale: float, config: CpuConfig, opts
         # the kernel's blocking depends on the number of query rows, so results would
         # then depend on the worker count.
 
+        step = max(1, config.fused_bias_mask_bytes // (math.prod(q_grid) * math.prod(kv_grid) * acc.itemsize))
+
         def work(part):
-            for b0, b1, h0, h1 in part:
-                kv = _kv(h0, h1, G)
-                o, l = _FLASH(qh[b0:b1, h0:h1], kh[b0:b1, kv], vh[b0:b1, kv], 0.0, False,
-                              attn_mask=mask if rel_bias is None else mask(h0, h1), scale=scale)
-                outh[b0:b1, h0:h1].copy_(o)
-                lseh[b0:b1, h0:h1].copy_(l)
+            for b0, b1, h0_, h1_ in part:
+                for h0, h1 in ([(h0_, h1_)] if rel_bias is None else _head_steps(h0_, h1_, G, step)):
+                    kv = _kv(h0, h1, G)
+                    o, l = _FLASH(qh[b0:b1, h0:h1], kh[b0:b1, kv], vh[b0:b1, kv], 0.0, False,
+                                  attn_mask=mask if rel_bias is None else mask(h0, h1), scale=scale)
+                    outh[b0:b1, h0:h1].copy_(o)
+                    lseh[b0:b1, h0:h1].copy_(l)
         work_size = B * heads * math.prod(q_grid) * math.prod(kv_grid) * D
         run(work, [[blk] for blk in _blocks(B, heads, workers, work_size, G)], workers)
         return out, lse
