@@ -10,6 +10,12 @@ tests show the checker catches a real out-of-bounds store and load (output and
 output-gradient views one frame too short, carved from a larger buffer so the
 stray accesses land in memory the process owns).
 
+The v2 window options (the kernels' table path: re-laid tiles, windows and grid
+positions read from int32 tables) run over window problems too (dilation and
+stride on every axis, per-axis and raster causal, shifted borders, cross grids
+finer and coarser than the queries', forced small tiles), and a corrupted re-layout
+table that points one key past the grid is caught.
+
 Batch and heads are cut to 2 x 1 (the per-(batch, head) base offsets are
 still exercised by the second batch) to keep the interpreter's time small.
 Untested here: the compiled GPU kernels (the acceptance script, gpu/acceptance.py,
@@ -21,10 +27,13 @@ import pytest
 import torch
 
 from nuwa3dna.kernels.env import interpreter_enabled
+from nuwa3dna.kernels.problems import WINDOW_PROBLEMS
+from nuwa3dna.kernels.windows import Options
 from nuwa3dna.problems import TEST_PROBLEMS, Problem
 
 pytestmark = pytest.mark.skipif(not interpreter_enabled(), reason="the checker runs under the Triton interpreter")
 
+from nuwa3dna.kernels.triton import relayout  # noqa: E402
 from nuwa3dna.kernels.triton.bounds import BoundsChecker, element_addresses  # noqa: E402
 from nuwa3dna.kernels.triton.launch import backward, forward  # noqa: E402
 
@@ -39,6 +48,15 @@ CASES = [  # (problem, dtype, small tiles)
     (BY_ID["B1-T2H6W5-kvT3H9W11-h2-d8-e0xax1"], torch.float32, False),
     (BY_ID["B2-T1H11W13-h2-d40-e0x3x3-causal"], torch.float32, True),
     (Problem(1, (2, 3, 4), 1, 200, (1, 1, 2), causal=True), torch.float32, False),
+]
+WINDOW_CASES = [  # (problem, dtype, small tiles): the table path
+    (WINDOW_PROBLEMS[9], torch.float32, False),       # cross (finer kv), None extent, shift, dilation, stride
+    (WINDOW_PROBLEMS[6], torch.float32, True),        # raster causal, dilated rows, strided columns
+    (WINDOW_PROBLEMS[4], torch.bfloat16, True),       # per-axis causal (t, h), shift, stride 3 on t
+    (Problem(1, (6, 6, 11), 1, 8, (1, 1, 2), causal=True, dilation=(2, 1, 2), stride=(2, 2, 1),
+             border="shift"), torch.float16, True),   # dilated frames under raster causality
+    (Problem(1, (5, 9, 8), 1, 8, (1, 1, 1), kv_grid=(3, 4, 5), stride=(2, 3, 2), dilation=(1, 2, 1)),
+     torch.float32, False),                           # cross, coarser kv
 ]
 
 
@@ -67,8 +85,9 @@ def _forward_backward(p: Problem, dtype, gen, strided=False):
     if strided:
         q, k, v, dout = (_strided(x.shape, dtype, gen) for x in (q, k, v, dout))
     extent, scale = p.resolved_extent, p.D ** -0.5
-    out, lse = forward(q, k, v, extent, p.causal, scale)
-    backward(q, k, v, out, lse, dout, extent, p.causal, scale)
+    opts, raster = Options.of(p.causal, **p.options), p.causal is True
+    out, lse = forward(q, k, v, extent, raster, scale, options=opts)
+    backward(q, k, v, out, lse, dout, extent, raster, scale, options=opts)
 
 
 @pytest.mark.parametrize("p,dtype,small", CASES, ids=[f"{p.id}-{str(d)[6:]}{'-small' if s else ''}"
@@ -77,6 +96,40 @@ def test_kernels_stay_in_bounds(p, dtype, small, gen, bounds, small_tiles):
     small_tiles(small)
     _forward_backward(_shrink(p), dtype, gen)
     assert bounds.launches >= 4 and bounds.checked > 0
+
+
+@pytest.mark.parametrize("p,dtype,small", WINDOW_CASES, ids=[f"{p.id}-{str(d)[6:]}{'-small' if s else ''}"
+                                                             for p, d, s in WINDOW_CASES])
+def test_window_options_stay_in_bounds(p, dtype, small, gen, bounds, small_tiles):
+    """The table path: the tables themselves are launch arguments, so their loads are checked too."""
+    small_tiles(small)
+    _forward_backward(_shrink(p), dtype, gen)
+    assert bounds.launches >= 4 and bounds.checked > 0
+
+
+def test_checker_catches_a_bad_window_table(gen, monkeypatch):
+    """A re-layout table whose last key column points one past the grid: the kernels read
+    (and dK/dV write) that column through it, and the checker reports it. Every key-side
+    tensor is a view with a spare column (``_strided``), so the stray accesses land in memory
+    the process owns."""
+    p = _shrink(WINDOW_PROBLEMS[0])
+    real = relayout.packed
+
+    def corrupt(q_grid, kv_grid, extent, options, device):
+        tab = real(q_grid, kv_grid, extent, options, device).clone()
+        T, T2, H, H2, W, W2 = q_grid[0], kv_grid[0], q_grid[1], kv_grid[1], q_grid[2], kv_grid[2]
+        pk_w = 3 * (T + T2 + H + H2) + 3 * W           # the w axis's key re-layout
+        tab[pk_w + W2 - 1] = W2                         # one column past the grid
+        return tab
+    monkeypatch.setattr(relayout, "packed", corrupt)
+    shape = (p.B, *p.q_grid, p.heads, p.D)
+    q, k, v, dout, dk, dv = (_strided(shape, torch.float32, gen) for _ in range(6))
+    opts, extent, scale = Options.of(p.causal, **p.options), p.resolved_extent, p.D ** -0.5
+    with BoundsChecker() as chk:
+        out, lse = forward(q, k, v, extent, False, scale, options=opts)
+        backward(q, k, v, out, lse, dout, extent, False, scale, dk=dk, dv=dv, options=opts)
+    for kernel, op in (("fwd_kernel", "load"), ("bwd_dkdv_kernel", "store"), ("bwd_dq_kernel", "load")):
+        assert _violations(chk, kernel, op), (kernel, op)
 
 
 def test_non_contiguous_in_bounds(gen, bounds):
