@@ -150,12 +150,14 @@ def _direct(case, q, k, v, bias, dout, dlse, config):
     Case(3, (3, 5, 7), 6, 3, 8, (1, 2, 2), causal=True),
     Case(2, (4, 5, 6), 4, 2, 8, (1, 1, 2), kv_grid=(2, 3, 9)),
     Case(2, (5, 4, 6), 4, 2, 8, (1, 1, 1), options=dict(dilation=(2, 1, 2), stride=(2, 1, 1))),
+    Case(1, (3, 7, 6), 4, 1, 8, (1, 2, 1), causal=True),
 ], ids=lambda c: c.id)
 def test_tile_loops_chunks_and_workers(case, config, gen):
     """Odd tiles, chunks that split batch entries between kv heads (the bias cannot broadcast over
     the batch there), chunks of several whole batch entries (the bias broadcast, its gradient
     summed over them), frame runs whose classes repeat (cross grids, stride on T), three
-    workers sharing the bias gradient: fp64 against dense, tight."""
+    workers sharing the bias gradient, MQA at batch 1 (fewer kv rows than workers: the
+    backward's workers split row tiles, each with its own dK/dV): fp64 against dense, tight."""
     q, k, v, bias = case.make(torch.float64, gen)
     dout = torch.randn(q.shape, generator=gen, dtype=torch.float64)
     dlse = torch.randn(q.shape[:5], generator=gen, dtype=torch.float64)

@@ -54,12 +54,23 @@ def _backward(dout, dlse, q, k, v, out, lse, causal, scale, c: Call, config: Cpu
     n_max = max(b1 - b0 for b0, b1 in parts) * ns
     size = n_max * c.max_nf * nq * nk
     dbias = []          # one buffer per worker (they share heads, so they cannot share one)
+    # Key halos of neighbouring row tiles overlap, so the dK/dV accumulations of two workers
+    # must never meet: workers own disjoint batch*head ranges. With grouped queries there may
+    # be fewer such ranges than workers (MQA at batch 1: one); then workers take row tiles
+    # instead, each with dK/dV buffers of its own (small: the strips of so few kv heads),
+    # summed at the end. (Plain calls keep the one path, results bit for bit.)
+    own_kv = G > 1 and len(parts) < c.workers
+    private = []
 
     def work(groups):
         pbuf, dpbuf = (torch.empty(size, dtype=acc, device=q.device) for _ in range(2))
         tq = torch.empty(n_max * c.max_nf * nq * D, dtype=acc, device=q.device)
         tk = torch.empty(n_max * nk * D, dtype=acc, device=q.device)
         db = None
+        dks_, dvs_ = dks, dvs
+        if own_kv:
+            dks_, dvs_ = torch.zeros_like(dks), torch.zeros_like(dvs)
+            private.append((dks_, dvs_))
         for blk in blocks(g, groups, G):
             n, M = blk.n, blk.M
             qc, doc = blk.queries(qs, ns), blk.queries(dos, ns)               # [n, M, D]
@@ -79,14 +90,19 @@ def _backward(dout, dlse, q, k, v, out, lse, causal, scale, c: Call, config: Cpu
             tmp_q = tq[:n * M * D].view(n, M, D)
             tmp_k = tk[:n * nk * D].view(n, nk, D)
             blk.queries(dqs, ns).add_(torch.bmm(dp, kc, out=tmp_q))
-            blk.keys(dks).add_(torch.bmm(dp.transpose(1, 2), qc, out=tmp_k))
-            blk.keys(dvs).add_(torch.bmm(p.transpose(1, 2), doc, out=tmp_k))
+            blk.keys(dks_).add_(torch.bmm(dp.transpose(1, 2), qc, out=tmp_k))
+            blk.keys(dvs_).add_(torch.bmm(p.transpose(1, 2), doc, out=tmp_k))
 
-    # Key halos of neighbouring row tiles overlap, so the dK/dV accumulations of
-    # two workers must never meet: workers own disjoint batch*head ranges.
-    work_parts = [[(b0, b1, j) for b0, b1 in part for j in range(g.nht)]
-                  for part in split(parts, config.parts_per_worker * c.workers)]
+    if own_kv:
+        work_parts = split([(b0, b1, j) for b0, b1 in parts for j in range(g.nht)],
+                           config.parts_per_worker * c.workers)
+    else:
+        work_parts = [[(b0, b1, j) for b0, b1 in part for j in range(g.nht)]
+                      for part in split(parts, config.parts_per_worker * c.workers)]
     run(work, work_parts, c.workers)
+    for dk_, dv_ in private:
+        dks.add_(dk_)
+        dvs.add_(dv_)
     dq = untile_rows(dqs, g, q.shape, q.dtype, scale, G)
     dk = unstrip(dks, g, k.shape, k.dtype, ws)
     dv = unstrip(dvs, g, v.shape, v.dtype, ws)
