@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from nuwa3dna.kernels.triton.jit import (
-    C_LOG2E, RUNTIME_SIZES, axis_tables, dot, dot_acc, key_mask, key_tile, load_rows, program_tile,
+    C_LOG2E, RUNTIME_SIZES, axis_tables, dot, dot_acc, grid_rows, key_mask, key_tile, load_rows, program_tile,
     query_range, query_walk, store_rows, tile_coords, tile_mask, to_store, token_offsets)
 
 
@@ -214,13 +214,14 @@ def bwd_dq_kernel(
         tl.program_id(0), T, H, W, T2, H2, W2, ET, EH, EW, n_heads, TAB, BT, BH, BW, KH, KW, CAUSAL, WIDE_IDX,
         TABLES)
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q + b * sq_b + hd * sq_n, token_offsets(qt, qh, qw, sq_t, sq_h, sq_w),
+    mt, mh, mw, r_grid = grid_rows(TAB, qt, qh, qw, q_ok, T, H, W, T2, H2, W2, TABLES)  # [BLOCK_Q] each
+    q = load_rows(Q + b * sq_b + hd * sq_n, token_offsets(mt, mh, mw, sq_t, sq_h, sq_w),
                   q_ok, offs_d, sq_d, D, EVEN_D)                        # [BLOCK_Q, BLOCK_D]
-    do = load_rows(DO + b * sdo_b + hd * sdo_n, token_offsets(qt, qh, qw, sdo_t, sdo_h, sdo_w),
+    do = load_rows(DO + b * sdo_b + hd * sdo_n, token_offsets(mt, mh, mw, sdo_t, sdo_h, sdo_w),
                    q_ok, offs_d, sdo_d, D, EVEN_D)                      # [BLOCK_Q, BLOCK_D]
     row = bh.to(tl.int64) * (T * H * W)
-    lse2 = tl.load(LSE + row + rq, mask=q_ok, other=0.0) * C_LOG2E      # [BLOCK_Q]
-    delta = tl.load(DELTA + row + rq, mask=q_ok, other=0.0)             # [BLOCK_Q]
+    lse2 = tl.load(LSE + row + r_grid, mask=q_ok, other=0.0) * C_LOG2E  # [BLOCK_Q]
+    delta = tl.load(DELTA + row + r_grid, mask=q_ok, other=0.0)         # [BLOCK_Q]
     K += b * sk_b + hd * sk_n
     V += b * sv_b + hd * sv_n
 
@@ -235,5 +236,6 @@ def bwd_dq_kernel(
         ds = p * (dp - delta[:, None])                                  # [BLOCK_Q, BLOCK_K]
         dq = dot_acc(dq, ds, k, UPCAST_DOT)                             # [BLOCK_Q, BLOCK_D]
 
-    store_rows(DQ + b * sdq_b + hd * sdq_n, token_offsets(qt, qh, qw, sdq_t, sdq_h, sdq_w), q_ok,
+    mt, mh, mw, _ = grid_rows(TAB, qt, qh, qw, q_ok, T, H, W, T2, H2, W2, TABLES)
+    store_rows(DQ + b * sdq_b + hd * sdq_n, token_offsets(mt, mh, mw, sdq_t, sdq_h, sdq_w), q_ok,
                offs_d, sdq_d, D, to_store(dq * scale, DQ.dtype.element_ty, UPCAST_DOT), EVEN_D)

@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from nuwa3dna.kernels.triton.jit import (
-    C_LN2, C_NEG_BIG, RUNTIME_SIZES, dot, dot_acc, key_mask, key_tile, load_rows, query_walk, store_rows,
-    to_store, token_offsets)
+    C_LN2, C_NEG_BIG, RUNTIME_SIZES, dot, dot_acc, grid_rows, key_mask, key_tile, load_rows, query_walk,
+    store_rows, to_store, token_offsets)
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
@@ -43,7 +43,8 @@ def fwd_kernel(
         tl.program_id(0), T, H, W, T2, H2, W2, ET, EH, EW, n_heads, TAB, BT, BH, BW, KH, KW, CAUSAL, WIDE_IDX,
         TABLES)
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q + b * sq_b + hd * sq_n, token_offsets(qt, qh, qw, sq_t, sq_h, sq_w),
+    mt, mh, mw, _ = grid_rows(TAB, qt, qh, qw, q_ok, T, H, W, T2, H2, W2, TABLES)  # [BLOCK_Q] each
+    q = load_rows(Q + b * sq_b + hd * sq_n, token_offsets(mt, mh, mw, sq_t, sq_h, sq_w),
                   q_ok, offs_d, sq_d, D, EVEN_D)                        # [BLOCK_Q, BLOCK_D]
     K += b * sk_b + hd * sk_n
     V += b * sv_b + hd * sv_n
@@ -67,7 +68,8 @@ def fwd_kernel(
     # rows off the grid (l_i = 0) are never stored: 1 keeps them finite.
     l_i = tl.where(q_ok, l_i, 1.0)
     out = acc / l_i[:, None]                                            # [BLOCK_Q, BLOCK_D]
-    store_rows(O + b * so_b + hd * so_n, token_offsets(qt, qh, qw, so_t, so_h, so_w), q_ok,
+    mt, mh, mw, r_grid = grid_rows(TAB, qt, qh, qw, q_ok, T, H, W, T2, H2, W2, TABLES)
+    store_rows(O + b * so_b + hd * so_n, token_offsets(mt, mh, mw, so_t, so_h, so_w), q_ok,
                offs_d, so_d, D, to_store(out, O.dtype.element_ty, UPCAST_DOT), EVEN_D)
     lse = (m_i + tl.math.log2(l_i)) * C_LN2                             # [BLOCK_Q] natural log
-    tl.store(LSE + bh.to(tl.int64) * (T * H * W) + rq, lse, mask=q_ok)
+    tl.store(LSE + bh.to(tl.int64) * (T * H * W) + r_grid, lse, mask=q_ok)

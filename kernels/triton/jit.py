@@ -258,11 +258,11 @@ def query_walk(pid, T, H, W, T2, H2, W2, ET, EH, EW, n_heads, TAB,
     coordinates, windows and key box read from the tables at TAB (``axis_tables``;
     their lo, hi are monotone too), so the causal cut is unchanged (``relayout``).
 
-    Returns (bh, b, hd, mt, mh, mw, q_ok, rq, walk, n_iter): the (batch * heads +
+    Returns (bh, b, hd, qt, qh, qw, q_ok, rq, walk, n_iter): the (batch * heads +
     head) statistics row, batch and head (int64); per query row [BLOCK_Q] its
-    grid coordinates (memory), on-grid flag and grid raster index (statistics);
-    ``walk``, the loop-invariant state ``key_tile`` and ``key_mask`` read; and the
-    number of key tiles to visit.
+    coordinates (re-laid with TABLES: ``grid_rows`` gives the grid's), on-grid
+    flag and raster index; ``walk``, the loop-invariant state ``key_tile`` and
+    ``key_mask`` read; and the number of key tiles to visit.
     """
     BLOCK_Q: tl.constexpr = BT * BH * BW
     BLOCK_K: tl.constexpr = KH * KW
@@ -277,16 +277,13 @@ def query_walk(pid, T, H, W, T2, H2, W2, ET, EH, EW, n_heads, TAB,
     q_ok = (qt < T) & (qh < H) & (qw < W)                               # [BLOCK_Q]
     rq = (qt * H + qh) * W + qw                                         # [BLOCK_Q] raster
     if TABLES:
-        LOT, HIT, PQT, PKT, _, _ = axis_tables(TAB, 0, T, H, W, T2, H2, W2)
-        LOH, HIH, PQH, PKH, _, _ = axis_tables(TAB, 1, T, H, W, T2, H2, W2)
-        LOW, HIW, PQW, PKW, _, _ = axis_tables(TAB, 2, T, H, W, T2, H2, W2)
-        # Per-query windows, inclusive ends; rows off the grid see nothing.
-        f_lo = tl.load(LOT + qt, mask=q_ok, other=0)                    # [BLOCK_Q]
-        f_hi = tl.load(HIT + qt, mask=q_ok, other=0) - 1                # [BLOCK_Q]
-        h_lo = tl.load(LOH + qh, mask=q_ok, other=0)                    # [BLOCK_Q]
-        h_hi = tl.load(HIH + qh, mask=q_ok, other=0) - 1                # [BLOCK_Q]
-        w_lo = tl.load(LOW + qw, mask=q_ok, other=0)                    # [BLOCK_Q]
-        w_hi = tl.load(HIW + qw, mask=q_ok, other=0) - 1                # [BLOCK_Q]
+        LOT, HIT, _, PKT, Q0T, Q1T = axis_tables(TAB, 0, T, H, W, T2, H2, W2)
+        LOH, HIH, _, PKH, Q0H, Q1H = axis_tables(TAB, 1, T, H, W, T2, H2, W2)
+        LOW, HIW, _, PKW, Q0W, Q1W = axis_tables(TAB, 2, T, H, W, T2, H2, W2)
+        # No per-row windows: ``key_mask`` tests each key's query range (q0, q1)
+        # against the rows' (re-laid) coordinates, which, unlike loaded per-row
+        # bounds, cost no registers across the loop (the compiler recomputes them).
+        f_lo, f_hi, h_lo, h_hi, w_lo, w_hi = qt, qt, qh, qh, qw, qw
     else:
         # Per-query windows; the upper bounds also hide keys off the grid.
         f_lo = centre(qt, T, T2, WIDE_IDX)                              # [BLOCK_Q] the frame centre
@@ -305,11 +302,7 @@ def query_walk(pid, T, H, W, T2, H2, W2, ET, EH, EW, n_heads, TAB,
         b_hi = tl.load(HIH + h_last)
         c_lo = tl.load(LOW + w0)
         c_hi = tl.load(HIW + w_last)
-        mt = tl.load(PQT + qt, mask=q_ok, other=0)                      # [BLOCK_Q] grid coordinates
-        mh = tl.load(PQH + qh, mask=q_ok, other=0)                      # [BLOCK_Q]
-        mw = tl.load(PQW + qw, mask=q_ok, other=0)                      # [BLOCK_Q]
-        r_mem = (mt * H + mh) * W + mw                                  # [BLOCK_Q] grid raster
-        keys = (PKT, PKH, PKW)
+        keys = (PKT, PKH, PKW, Q0T, Q1T, Q0H, Q1H, Q0W, Q1W)
     else:
         a_lo = tl.maximum(centre(t0, T, T2, WIDE_IDX) - ET, 0)          # the key box
         a_hi = tl.minimum(centre(t_last, T, T2, WIDE_IDX) + ET + 1, T2)
@@ -317,8 +310,7 @@ def query_walk(pid, T, H, W, T2, H2, W2, ET, EH, EW, n_heads, TAB,
         b_hi = tl.minimum(centre(h_last, H, H2, WIDE_IDX) + EH + 1, H2)
         c_lo = tl.maximum(centre(w0, W, W2, WIDE_IDX) - EW, 0)
         c_hi = tl.minimum(centre(w_last, W, W2, WIDE_IDX) + EW + 1, W2)
-        mt, mh, mw, r_mem = qt, qh, qw, rq
-        keys = (0, 0, 0)
+        keys = (0, 0, 0, 0, 0, 0, 0, 0, 0)
     n_b = tl.cdiv(b_hi - b_lo, KH)
     n_c = tl.cdiv(c_hi - c_lo, KW)
     if CAUSAL:
@@ -332,7 +324,25 @@ def query_walk(pid, T, H, W, T2, H2, W2, ET, EH, EW, n_heads, TAB,
     else:
         n_iter = (a_hi - a_lo) * n_b * n_c
     walk = (a_lo, b_lo, c_lo, n_b, n_c, f_lo, f_hi, h_lo, h_hi, w_lo, w_hi, rq, jh, jw, jhw, keys)
-    return bh, b, hd, mt, mh, mw, q_ok, r_mem, walk, n_iter
+    return bh, b, hd, qt, qh, qw, q_ok, rq, walk, n_iter
+
+
+@triton.jit
+def grid_rows(TAB, qt, qh, qw, q_ok, T, H, W, T2, H2, W2, TABLES: tl.constexpr):
+    """Grid coordinates and raster index of the query rows ``query_walk`` returned (re-laid
+    with TABLES: read from the tables' pq, 0 off the grid), for loads and stores: [BLOCK_Q]
+    each. The kernels ask twice, before and after their loop, so that no loaded row vector
+    stays live across it."""
+    if TABLES:
+        _, _, PQT, _, _, _ = axis_tables(TAB, 0, T, H, W, T2, H2, W2)
+        _, _, PQH, _, _, _ = axis_tables(TAB, 1, T, H, W, T2, H2, W2)
+        _, _, PQW, _, _, _ = axis_tables(TAB, 2, T, H, W, T2, H2, W2)
+        mt = tl.load(PQT + qt, mask=q_ok, other=0)                      # [BLOCK_Q]
+        mh = tl.load(PQH + qh, mask=q_ok, other=0)                      # [BLOCK_Q]
+        mw = tl.load(PQW + qw, mask=q_ok, other=0)                      # [BLOCK_Q]
+        return mt, mh, mw, (mt * H + mh) * W + mw
+    else:
+        return qt, qh, qw, (qt * H + qh) * W + qw
 
 
 @triton.jit
@@ -354,7 +364,7 @@ def key_tile(it, walk, K, V, sk, sv, offs_d, D, H2, W2, KH: tl.constexpr, KW: tl
     kw = c + jw                                                         # [BLOCK_K]
     k_ok = (kh < H2) & (kw < W2)                                        # [BLOCK_K]
     if TABLES:
-        PKT, PKH, PKW = keys
+        PKT, PKH, PKW, _, _, _, _, _, _ = keys
         ma = tl.load(PKT + a)                                           # grid coordinates
         mh = tl.load(PKH + kh, mask=k_ok, other=0)                      # [BLOCK_K]
         mw = tl.load(PKW + kw, mask=k_ok, other=0)                      # [BLOCK_K]
@@ -370,14 +380,27 @@ def key_tile(it, walk, K, V, sk, sv, offs_d, D, H2, W2, KH: tl.constexpr, KW: tl
 @triton.jit
 def key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL: tl.constexpr, TABLES: tl.constexpr):
     """[BLOCK_Q, BLOCK_K] visibility of the key tile at (a, bb, c) (from ``key_tile``).
+    TABLES: each key's query range per axis (the tables' q0, q1) against the rows'
+    re-laid coordinates (rows and keys off the grid fall outside every range).
     Causal compares raster indices in the walked coordinates (re-laid with TABLES:
     within a window the grid's order, ``relayout``)."""
     a_lo, b_lo, c_lo, n_b, n_c, f_lo, f_hi, h_lo, h_hi, w_lo, w_hi, rq, jh, jw, jhw, keys = walk
     if TABLES:
-        frame_ok = (a >= f_lo) & (a <= f_hi)                            # [BLOCK_Q]
+        _, _, _, Q0T, Q1T, Q0H, Q1H, Q0W, Q1W = keys
+        qt, qh, qw = f_lo, h_lo, w_lo                                   # [BLOCK_Q] re-laid rows
+        kh = bb + jh                                                    # [BLOCK_K]
+        kw = c + jw                                                     # [BLOCK_K]
+        k_ok = (kh < H2) & (kw < W2)                                    # [BLOCK_K]
+        frame_ok = (qt >= tl.load(Q0T + a)) & (qt < tl.load(Q1T + a))   # [BLOCK_Q]
+        h0 = tl.load(Q0H + kh, mask=k_ok, other=0)                      # [BLOCK_K] each
+        h1 = tl.load(Q1H + kh, mask=k_ok, other=0)
+        w0 = tl.load(Q0W + kw, mask=k_ok, other=0)
+        w1 = tl.load(Q1W + kw, mask=k_ok, other=0)
+        vis = frame_ok[:, None] & (qh[:, None] >= h0[None, :]) & (qh[:, None] < h1[None, :]) \
+            & (qw[:, None] >= w0[None, :]) & (qw[:, None] < w1[None, :])  # [BLOCK_Q, BLOCK_K]
     else:
         frame_ok = tl.abs(a - f_lo) <= ET                               # [BLOCK_Q] (f_lo: the centre)
-    vis = tile_mask(frame_ok, h_lo - bb, h_hi - bb, w_lo - c, w_hi - c, jh, jw)  # [BLOCK_Q, BLOCK_K]
+        vis = tile_mask(frame_ok, h_lo - bb, h_hi - bb, w_lo - c, w_hi - c, jh, jw)  # [BLOCK_Q, BLOCK_K]
     if CAUSAL:
         vis = vis & (jhw[None, :] <= (rq - ((a * H2 + bb) * W2 + c))[:, None])
     return vis
