@@ -48,6 +48,7 @@ from nuwa3dna.model.weights import load_tensors, module_tensors, save_json, save
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 VOCAB_FILE = "vocab.json"     # optional: the training captions' words (``vocabulary``)
+SHIPPED_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "default")
 
 
 class NuwaPipeline(nn.Module):
@@ -334,7 +335,10 @@ class NuwaPipeline(nn.Module):
             os.remove(vocab_path)
 
     @classmethod
-    def load(cls, directory, map_location: str = "cpu") -> "NuwaPipeline":
+    def load(cls, directory=None, map_location: str = "cpu") -> "NuwaPipeline":
+        """A saved pipeline; ``directory=None`` is the checkpoint shipped with the package."""
+        if directory is None:
+            directory = SHIPPED_CHECKPOINT
         cfg_path = os.path.join(directory, CONFIG_FILE)
         w_path = os.path.join(directory, WEIGHTS_FILE)
         for p in (cfg_path, w_path):
