@@ -85,11 +85,26 @@ def make_edit_pair(seed: int, index: int = 0, cfg: DataConfig = DataConfig(),
     return EditPair(source, target, target.caption, attribute)
 
 
+def held_out_edit_pair(seed: int, index: int, cfg: DataConfig, frames: Optional[int] = None,
+                       attributes=None) -> EditPair:
+    """An edit pair whose TARGET holds one of ``cfg.only`` (held-out combinations): the first
+    pair of the stream (seed, index * 4096 + k), k = 0, 1, ..., that does."""
+    from nuwa3dna.model.holdout import any_match
+    frames = cfg.frames if frames is None else frames
+    base = replace(cfg, only=())
+    for k in range(4096):
+        pair = make_edit_pair(seed, index * 4096 + k, base, frames, attributes)
+        if any_match(pair.target.objects, cfg.only, frames > 1):
+            return pair
+    raise ValueError(f"no edit pair with a target in {cfg.only} found for {seed=}, {index=}")
+
+
 def make_edit_batch(batch_size: int, seed: int, start: int = 0, cfg: DataConfig = DataConfig(),
                     frames: Optional[int] = None, attributes=None) -> dict:
     """Edit pairs stacked: ``source``/``target`` (B,T,3,H,W), ``text`` (target
     captions), ``pairs`` (the EditPair objects)."""
-    pairs = [make_edit_pair(seed, start + i, cfg, frames, attributes) for i in range(batch_size)]
+    make = held_out_edit_pair if cfg.only else make_edit_pair
+    pairs = [make(seed, start + i, cfg, frames, attributes) for i in range(batch_size)]
     return dict(source=torch.stack([p.source.video for p in pairs]),
                 target=torch.stack([p.target.video for p in pairs]),
                 text=[p.text for p in pairs], pairs=pairs)

@@ -7,8 +7,9 @@ run trains without them by naming the set in its config
 (``NuwaConfig.holdout``, e.g. ``train --holdout combos-v1``): the procedural
 data then redraws every sample or edit pair that holds one (model/data.py,
 ``DataConfig.exclude``), in all three stages. ``evaluate`` scores the
-checkpoint's set (``DataConfig.only``: every sample holds one) beside the
-in-distribution streams, which then exclude it.
+checkpoint's set beside the in-distribution streams (which then exclude it)
+for the caption tasks: t2i/t2v samples whose first object is one
+(``DataConfig.only``), ti2i/tv2v edits whose target holds one.
 
 Each pair and direction of a set is still seen in other combinations: every
 colour with the other shapes, every shape in the other colours, so a

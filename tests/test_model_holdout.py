@@ -51,6 +51,16 @@ def test_only_draws_the_held_out_set(gen):
         DataConfig(exclude=(("purple", "star"),))
 
 
+def test_held_out_edit_pairs_have_held_out_targets(gen):
+    from nuwa3dna.model.data import make_edit_batch
+    seed, only = _seed(gen), DataConfig(only=COMBOS)
+    for frames in (1, 4):
+        b = make_edit_batch(6, seed, 0, only, frames)
+        for p in b["pairs"]:
+            assert any_match(p.target.objects, COMBOS, frames > 1), p.text
+            assert p.text == p.target.caption and p.source.caption != p.target.caption
+
+
 def test_config_names_the_set():
     assert "combos-v1" in HOLDOUT_SETS and HOLDOUT_SETS[""] == ()
     c = NuwaConfig(holdout="combos-v1")
@@ -74,9 +84,9 @@ def test_training_and_evaluation_with_a_held_out_set(tmp_path, one_thread, capsy
     from nuwa3dna.model.pipeline import NuwaPipeline
     pipe = NuwaPipeline.load(run)
     assert pipe.config.holdout == "combos-v1"
-    rows = evaluate.evaluate(pipe.eval(), samples=2, tasks=("t2i", "t2v"))
+    rows = evaluate.evaluate(pipe.eval(), samples=2, tasks=("t2i", "ti2i", "t2v", "tv2v", "s2i"))
     held = [r for r in rows if r["metric"].startswith(evaluate.HELD_OUT)]
-    assert {r["task"] for r in held} == {"t2i", "t2v"}
+    assert {r["task"] for r in held} == {"t2i", "ti2i", "t2v", "tv2v"}
     assert all(r["raw"] == 1.0 for r in held if "ground truth" in r["metric"])
     assert "in-distribution | held-out combinations |" in evaluate.held_out_table(rows)
     # A checkpoint trained on everything cannot be fine-tuned into a held-out claim.

@@ -134,17 +134,24 @@ def _caption_rows(ev: Evaluation, task: str, out, samples, gt: bool, label: str 
 HELD_OUT = "held-out combinations: "
 
 
+HELD_OUT_TASKS = ("t2i", "ti2i", "t2v", "tv2v")
+
+
 def _held_out(ev: Evaluation, task: str) -> None:
-    """t2i, t2v on captions of the held-out set only (model/holdout.py): the same rows, labelled."""
+    """The caption tasks on the held-out set only (model/holdout.py): t2i/t2v captions, and
+    ti2i/tv2v edits whose target holds a held-out combination; the same rows, labelled."""
     from nuwa3dna.model import data
-    from nuwa3dna.model.tasks import TASKS
+    from nuwa3dna.model.tasks import SOURCE_TASKS, TASKS
     if ev.held_cfg is None or (ev.frames(task) == 1 and not any(len(c) == 2 for c in ev.held_cfg.only)):
         return
-    b = data.make_batch(ev.samples, ev.seed * 10 + 100 + TASKS.index(task), 0, ev.held_cfg, ev.frames(task))
+    stream = ev.seed * 10 + 100 + TASKS.index(task)
+    label = HELD_OUT.replace(": ", " (SEEN in training): ") if ev.holdout != ev.cfg.holdout else HELD_OUT
+    if task in SOURCE_TASKS:
+        _edit_rows(ev, task, data.make_edit_batch(ev.samples, stream, 0, ev.held_cfg, ev.frames(task)), label)
+        return
+    b = data.make_batch(ev.samples, stream, 0, ev.held_cfg, ev.frames(task))
     out = ev.generate(task, text=b["text"])
-    seen = ev.holdout != ev.cfg.holdout
-    _caption_rows(ev, task, out, b["samples"], gt=True,
-                  label=HELD_OUT.replace(": ", " (SEEN in training): ") if seen else HELD_OUT)
+    _caption_rows(ev, task, out, b["samples"], gt=True, label=label)
 
 
 def _sketch(ev: Evaluation, task: str) -> None:
@@ -204,8 +211,11 @@ def _prediction(ev: Evaluation, task: str) -> None:
 def _edit(ev: Evaluation, task: str) -> None:
     """ti2i, tv2v: the edited attribute changed, the others and the position kept; strictly
     also the target's shape in every frame (area stable) and its area within ``AREA_TOLERANCE``."""
+    _edit_rows(ev, task, ev.batch(task))
+
+
+def _edit_rows(ev: Evaluation, task: str, b, label: str = "") -> None:
     from nuwa3dna.model import oracle
-    b = ev.batch(task)
     out = ev.generate(task, text=b["text"], source=b["source"])
     frames, keys = ev.frames(task), ev.attribute_keys(task)
     succ, strict, stable, pres, gt_strict = [], [], [], [], []
@@ -226,16 +236,16 @@ def _edit(ev: Evaluation, task: str) -> None:
         same = all(getattr(r, k) == getattr(tgt, k) for k in keys if k != p.attribute)
         err = np.mean(oracle.position_errors(r, tgt, range(frames), ev.cfg.image_size))
         pres.append(float(same and err <= 2.0))
-    ev.row(task, "edit success", np.mean(succ), _pct, TARGETS["edit"])
-    ev.row(task, "preservation (other attributes, position <= 2 px)", np.mean(pres), _pct)
+    ev.row(task, f"{label}edit success", np.mean(succ), _pct, TARGETS["edit"])
+    ev.row(task, f"{label}preservation (other attributes, position <= 2 px)", np.mean(pres), _pct)
     if frames > 1:
-        ev.row(task, f"target's shape in every frame, area within {oracle.MAX_AREA_RATIO}x", np.mean(stable),
-               _pct, TARGETS["caption"])
-    ev.row(task, f"edit success, strict (and shape{' in every frame' if frames > 1 else ''}, "
+        ev.row(task, f"{label}target's shape in every frame, area within {oracle.MAX_AREA_RATIO}x",
+               np.mean(stable), _pct, TARGETS["caption"])
+    ev.row(task, f"{label}edit success, strict (and shape{' in every frame' if frames > 1 else ''}, "
                  f"area within {100 * oracle.AREA_TOLERANCE:.0f}% of the target's)", np.mean(strict), _pct)
     gt = [oracle.attribute_scores(p.target.video, p.target.objects, ev.dcfg)[p.attribute] for p in b["pairs"]]
-    ev.row(task, "oracle on ground truth (edit success)", np.mean(gt), _pct)
-    ev.row(task, "oracle on ground truth (edit success, strict)", np.mean(gt_strict), _pct)
+    ev.row(task, f"{label}oracle on ground truth (edit success)", np.mean(gt), _pct)
+    ev.row(task, f"{label}oracle on ground truth (edit success, strict)", np.mean(gt_strict), _pct)
 
 
 METRICS: Dict[str, Callable[[Evaluation, str], None]] = {
@@ -264,11 +274,12 @@ def evaluate(pipe, samples: int = 16, seed: int = EVAL_SEED, sampling: Dict = No
     """-> rows {task, metric, value (str), target (str), ok (bool|None), raw (float)}.
 
     With a held-out set (the checkpoint's ``config.holdout``, or ``holdout``),
-    t2i and t2v also get rows on its combinations (metric prefixed ``HELD_OUT``)."""
+    the caption tasks (t2i, ti2i, t2v, tv2v) also get rows on its combinations
+    (metric prefixed ``HELD_OUT``)."""
     ev = Evaluation(pipe, samples, seed, sampling, progress, holdout)
     for task in parse_tasks(None) if tasks is None else tasks:
         METRICS[task](ev, task)
-        if task in ("t2i", "t2v"):
+        if task in HELD_OUT_TASKS:
             _held_out(ev, task)
     _tokenizers(ev)
     return ev.rows
