@@ -67,6 +67,11 @@ class NuwaConfig:
     dec_depth: int = 4
     heads: int = 4
     dim_head: int = 32
+    # Grouped kv heads of every attention (None: heads; 1 is MQA): a KV cache 1/(heads/kv_heads) the size.
+    kv_heads: Optional[int] = None
+    # The decoder's text cross-attention folded into its self-attention: the text memory as
+    # global tokens of the self-attention's softmax (docs/design.md section 8), one call fewer per layer.
+    text_global: bool = False
     ff_mult: int = 4
     backend: str = "auto"         # nearby_attention backend of every 3DNA layer
     rotary: bool = True           # learned 3D rotary positions in every self-attention (nuwa3dna.rotary);
@@ -125,6 +130,12 @@ class NuwaConfig:
                 raise ValueError(f"image_size must be divisible by {name}, got {self.image_size=}, {name}={d}")
         if not isinstance(self.rotary, bool):
             raise ValueError(f"rotary must be a bool, got {self.rotary=}")
+        if not isinstance(self.text_global, bool):
+            raise ValueError(f"text_global must be a bool, got {self.text_global=}")
+        if self.kv_heads is not None and (isinstance(self.kv_heads, bool) or not isinstance(self.kv_heads, int)
+                                          or self.kv_heads < 1 or self.heads % self.kv_heads):
+            raise ValueError(f"kv_heads must be None or a positive divisor of heads={self.heads}, "
+                             f"got {self.kv_heads=}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend: {self.backend=}; choose one of {BACKENDS}")
         if not 0.0 <= float(self.cond_drop) < 1.0:

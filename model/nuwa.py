@@ -65,7 +65,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(c.dim)
         self.attn = NearbyAttention3D(c.dim, heads=c.heads, dim_head=c.dim_head, extent=extent,
-                                      causal=False, backend=c.backend, rotary=c.rotary)
+                                      causal=False, backend=c.backend, rotary=c.rotary, kv_heads=c.kv_heads)
         self.norm2 = nn.LayerNorm(c.dim)
         self.ff = FeedForward(c.dim, c.ff_mult)
 
@@ -78,15 +78,22 @@ class DecoderLayer(nn.Module):
     def __init__(self, c):
         super().__init__()
         mk = lambda extent, causal, rotary=False: NearbyAttention3D(
-            c.dim, heads=c.heads, dim_head=c.dim_head, extent=extent, causal=causal, backend=c.backend, rotary=rotary)
+            c.dim, heads=c.heads, dim_head=c.dim_head, extent=extent, causal=causal, backend=c.backend, rotary=rotary,
+            kv_heads=c.kv_heads)
+        self.text_global = c.text_global
         self.norm_self, self.self_attn = nn.LayerNorm(c.dim), mk(c.video_extent, True, c.rotary)
-        self.norm_text, self.cross_text = nn.LayerNorm(c.dim), mk(c.cross_text_extent, False)
+        if not c.text_global:       # else the text memory joins the self-attention's softmax
+            self.norm_text, self.cross_text = nn.LayerNorm(c.dim), mk(c.cross_text_extent, False)
         self.norm_vis, self.cross_vis = nn.LayerNorm(c.dim), mk(c.cross_source_extent, False)
         self.norm_ff, self.ff = nn.LayerNorm(c.dim), FeedForward(c.dim, c.ff_mult)
 
     def forward(self, x, text_mem, vis_mem, self_extent, vis_extent):
-        x = x + self.self_attn(self.norm_self(x), extent=self_extent)
-        x = x + self.cross_text(self.norm_text(x), text_mem)
+        if self.text_global:
+            # text (B, 1, 1, L, dim) as global tokens of the causal self-attention (one softmax)
+            x = x + self.self_attn(self.norm_self(x), extent=self_extent, global_context=text_mem.flatten(1, 3))
+        else:
+            x = x + self.self_attn(self.norm_self(x), extent=self_extent)
+            x = x + self.cross_text(self.norm_text(x), text_mem)
         x = x + self.cross_vis(self.norm_vis(x), vis_mem, extent=vis_extent)
         return x + self.ff(self.norm_ff(x))
 

@@ -70,7 +70,9 @@ class NearbyAttention3D(nn.Module):
         self.to_out = nn.Linear(inner, dim)
         self.rotary = rotary
         if rotary:
-            self.rotary_freqs = nn.Parameter(init_freqs(heads, dim_head))
+            # one frequency set per kv head: a key shared by a group of query heads can only be
+            # rotated one way, so the group's query heads share its frequencies
+            self.rotary_freqs = nn.Parameter(init_freqs(kv_heads, dim_head))
         if global_tokens:
             self.global_tokens = nn.Parameter(torch.randn(global_tokens, src_dim) * src_dim ** -0.5)
         else:
@@ -162,5 +164,11 @@ class NearbyAttention3D(nn.Module):
         return kv[:, :, 0], kv[:, :, 1]
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Queries or keys (..., heads, dim_head) at ``positions`` (..., 3) rotated (identity without rotary)."""
-        return rotate(x, self.rotary_freqs, positions) if self.rotary else x
+        """Queries (..., heads, dim_head) or keys (..., kv_heads, dim_head) at ``positions`` (..., 3)
+        rotated (identity without rotary); query head h turns with kv head h // (heads // kv_heads)."""
+        if not self.rotary:
+            return x
+        freqs = self.rotary_freqs
+        if x.shape[-2] != freqs.shape[0]:
+            freqs = freqs.repeat_interleave(x.shape[-2] // freqs.shape[0], dim=0)
+        return rotate(x, freqs, positions)
