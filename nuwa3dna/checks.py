@@ -144,10 +144,6 @@ def check_extras(q, k, extent, border="clip", after=None, *, additional_keys=Non
         if additional_keys.shape != additional_values.shape:
             raise ValueError(f"additional_keys and additional_values must have one shape, got "
                              f"{tuple(additional_keys.shape)} and {tuple(additional_values.shape)}")
-    if backend == "triton" and (bias is not None or k.shape[4] != q.shape[4]):
-        raise NotImplementedError(
-            f"{backend=} does not take {'a relative position bias' if bias is not None else 'grouped kv heads'} "
-            "yet; use backend='torch' or 'dense' (or 'auto', which runs 'torch' for it)")
     if bias is None:
         return
     if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():

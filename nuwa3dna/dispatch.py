@@ -41,9 +41,6 @@ def choose_backend(q: torch.Tensor, k: torch.Tensor, extent, causal, *, dilation
     """(backend, reason) for ``backend="auto"``; inputs validated, ``extent`` resolved (three ints).
     Global tokens do not change the choice (they are merged in after any backend)."""
     q_grid, kv_grid = tuple(q.shape[1:4]), tuple(k.shape[1:4])
-    if q.device.type == "cuda" and (bias is not None or k.shape[4] != q.shape[4]):
-        what = "a relative position bias" if bias is not None else "grouped kv heads"
-        return "torch", f"{what}: the Triton kernels do not take it yet; the torch backend"
     if not is_plain(causal, dilation, stride, border, after):
         text = options_text(causal, dilation, stride, border, after)
         if q.device.type == "cuda":

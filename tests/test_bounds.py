@@ -16,6 +16,11 @@ stride on every axis, per-axis and raster causal, shifted borders, cross grids
 finer and coarser than the queries', forced small tiles), and a corrupted re-layout
 table that points one key past the grid is caught.
 
+Grouped kv heads and the relative position bias (issue 14) run over plain and
+table-path problems too (k, v with fewer heads; the bias table read per score and
+its gradient added by atomics, which the checker checks as it checks stores), and a
+bias-gradient buffer one head short is caught.
+
 Batch and heads are cut to 2 x 1 (the per-(batch, head) base offsets are
 still exercised by the second batch) to keep the interpreter's time small.
 Untested here: the compiled GPU kernels (the acceptance script, gpu/acceptance.py,
@@ -130,6 +135,60 @@ def test_checker_catches_a_bad_window_table(gen, monkeypatch):
         backward(q, k, v, out, lse, dout, extent, False, scale, dk=dk, dv=dv, options=opts)
     for kernel, op in (("fwd_kernel", "load"), ("bwd_dkdv_kernel", "store"), ("bwd_dq_kernel", "load")):
         assert _violations(chk, kernel, op), (kernel, op)
+
+
+HEADS_BIAS_CASES = [  # (problem, kv heads, bias, dtype, small tiles): heads as given, B cut to 2
+    (Problem(2, (3, 5, 7), 4, 24, (1, 2, 2), causal=True), 2, True, torch.float32, True),
+    (Problem(1, (3, 4, 5), 3, 16, (1, 1, 2), kv_grid=(5, 7, 3)), 1, True, torch.bfloat16, False),
+    (Problem(1, (2, 3, 4), 2, 8, (2, 2, 3)), 2, True, torch.float32, False),       # R past the capped extent
+    (Problem(1, (4, 5, 6), 2, 8, (1, 1, 1), causal=True, dilation=(1, 2, 1), stride=(1, 1, 2)), 1, True,
+     torch.float16, True),
+    (Problem(1, (5, 4, 6), 4, 8, (1, 1, 1), causal=(True, False, False), border="shift"), 2, True,
+     torch.float32, False),
+    (Problem(1, (3, 4, 5), 2, 16, (1, 1, 1), kv_grid=(5, 7, 9), dilation=(1, 2, 2)), 1, False,
+     torch.float32, True),
+]
+
+
+def _bias_for(p: Problem, dtype, gen):
+    from nuwa3dna.kernels.windows import bias_radius
+    shift = p.options.get("border") == "shift"
+    return torch.randn(p.heads, *(2 * bias_radius(e, None, shift) + 1 for e in p.extent), generator=gen).to(dtype)
+
+
+def _heads_bias_run(p: Problem, kv_heads: int, bias, dtype, gen, dbias=None):
+    q, k, v = p.make(dtype, generator=gen)
+    k, v = k[:, :, :, :, :kv_heads].contiguous(), v[:, :, :, :, :kv_heads].contiguous()
+    dout = torch.randn(q.shape, generator=gen).to(dtype)
+    extent, scale = p.resolved_extent, p.D ** -0.5
+    opts, raster = Options.of(p.causal, **p.options), p.causal is True
+    out, lse = forward(q, k, v, extent, raster, scale, options=opts, bias=bias)
+    backward(q, k, v, out, lse, dout, extent, raster, scale, options=opts, bias=bias, dbias=dbias)
+
+
+@pytest.mark.parametrize("p,kv_heads,has_bias,dtype,small", HEADS_BIAS_CASES,
+                         ids=[f"{p.id}-kv{h}{'-bias' if b else ''}-{str(d)[6:]}{'-small' if s else ''}"
+                              for p, h, b, d, s in HEADS_BIAS_CASES])
+def test_heads_and_bias_stay_in_bounds(p, kv_heads, has_bias, dtype, small, gen, bounds, small_tiles):
+    """Grouped kv heads (dK/dV programs per kv head, looping over the group) and the bias
+    (gathered per score; d_bias by atomic adds): every load, store and atomic in bounds."""
+    small_tiles(small)
+    p = dataclasses.replace(p, B=min(p.B, 2))
+    bias = _bias_for(p, torch.float32, gen) if has_bias else None
+    _heads_bias_run(p, kv_heads, bias, dtype, gen)
+    assert bounds.launches >= 4 and bounds.checked > 0
+
+
+def test_checker_catches_a_short_bias_gradient(gen):
+    """A d_bias buffer one head short (a view of a full-size buffer): the last head's dQ
+    programs add past it, and the checker reports those atomics and nothing else."""
+    p = Problem(1, (2, 3, 4), 2, 8, (1, 1, 1))
+    bias = _bias_for(p, torch.float32, gen)
+    short = torch.zeros(bias.shape, dtype=torch.float32)[:1]
+    with BoundsChecker() as chk:
+        _heads_bias_run(p, 1, bias, torch.float32, gen, dbias=short)
+    bad = _violations(chk, "bwd_dq_kernel", "atomic")
+    assert bad and len(bad) == len(chk.violations), chk.violations
 
 
 def test_non_contiguous_in_bounds(gen, bounds):

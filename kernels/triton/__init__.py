@@ -1,7 +1,7 @@
 """Fused Triton kernels of 3D Nearby Attention (3DNA), forward and backward.
 
 Reads top-down: ``jit`` (jit helpers and the key walk shared by the forward
-and dQ kernels) -> ``forward`` (forward kernel) -> ``backward`` (preprocess,
+and dQ kernels) -> ``extras`` (grouped kv heads, relative position bias) -> ``forward`` (forward kernel) -> ``backward`` (preprocess,
 dK/dV, dQ kernels) -> ``relayout`` (the window tables of the v2 options) -> ``plan``
 (exact computed-pair counts) -> ``tables`` /
 ``configs`` (per-architecture launch tables, tile planner, ``pick_configs``)
@@ -37,7 +37,15 @@ from a per-architecture table (``tables.LAUNCH_TABLES``) checked by
 
 Backward (FlashAttention-2): ``delta = rowsum(dO * O)``, then dK/dV with one
 program per 3D key tile walking the query tiles whose windows reach it, then
-dQ like the forward. Deterministic, no atomics.
+dQ like the forward. Deterministic, no atomics, except a relative position
+bias's gradient (float32 atomic adds of dS from the dQ kernel).
+
+Grouped kv heads (GQA/MQA, docs/design.md section 8): the forward and dQ read the
+kv head h // group in place; a dK/dV program owns a (batch, kv head, key tile) and
+walks its group's query heads in one loop. A relative position bias is gathered
+per score at an index linear in the walked coordinates (``extras``); with a bias
+the kernels take smaller tiles (``configs.pick_configs``). Without either, the
+kernels compile exactly as before (GROUPED and HAS_BIAS off, PTX bodies unchanged).
 
 Numerics: scores and softmax in float32, exponent in base 2 (the scale is
 premultiplied by log2(e)); the saved log-sum-exp is the natural one, float32,

@@ -5,7 +5,8 @@ per 3D key tile that walks the query tiles whose windows reach it (the
 inverse of the rescaled centre map, as ``geometry.query_range``, or with
 TABLES the window tables' q0, q1; causal skips a head of that walk); dQ walks
 the forward's key box (``jit.query_walk``).
-Every output element is written by exactly one program: deterministic, no atomics.
+Every output element is written by exactly one program: deterministic, no atomics,
+except the relative position bias's gradient (``bwd_dq_kernel``: atomic adds).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import triton.language as tl
 from nuwa3dna.kernels.triton.jit import (
     C_LOG2E, RUNTIME_SIZES, axis_tables, dot, dot_acc, grid_rows, key_mask, key_tile, load_rows, program_tile,
     query_range, query_walk, store_rows, tile_coords, tile_mask, to_store, token_offsets)
+from nuwa3dna.kernels.triton.extras import (
+    EXTRA_SIZES, bias_cols, bias_tile, key_bias_cols, kv_head, query_bias_rows)
 
 
 @triton.jit(do_not_specialize=("T", "H", "W", "n_heads"))
@@ -50,19 +53,104 @@ def bwd_preprocess_kernel(
     tl.store(DELTA + bh.to(tl.int64) * n_q + r, tl.sum(o * do, 1), mask=ok)
 
 
-@triton.jit(do_not_specialize=RUNTIME_SIZES)
+@triton.jit
+def dkdv_query_walk(dk, dv, k, v, Q, DO, LSE, DELTA, BIAS, b_cols, start, stop, t_lo, h_lo, w_lo, h_hi, w_hi,
+                    n_h, n_w, ranges, k_ok, rk, ih, iw, ihw, q_tabs, sq, sdo, steps, group, offs_d, D, T, H, W,
+                    T2, H2, W2, TAB, RT, RH, RW, qk_scale, BH: tl.constexpr, BW: tl.constexpr,
+                    CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
+                    WIDE_IDX: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, TABLES: tl.constexpr,
+                    GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The dK/dV kernel's walk: dk, dv ([BLOCK_K, BLOCK_D] float32) plus the query tiles
+    start..stop - 1 of the raster walk of 1 x BH x BW tiles over the queries
+    [t_lo, .) x [h_lo, h_hi) x [w_lo, w_hi) (n_h x n_w tiles per frame). Q, DO point at the
+    (batch, query head), LSE and DELTA at its statistics row, BIAS at its bias table (HAS_BIAS;
+    ``b_cols`` [BLOCK_K] the keys' part of the index). ``ranges``: per key [BLOCK_K] the
+    queries that see it per axis (qt0, qt1, qh0, qh1, qw0, qw1); ``q_tabs`` the tables' pq
+    pointers (TABLES); ``sq``, ``sdo`` the (t, h, w, d) strides.
+
+    GROUPED: the same walk for ``group`` consecutive query heads, Q, DO, ... at the first;
+    ``steps`` = (head strides of Q and DO, statistics row length, bias table size). One flat
+    loop of group x (stop - start) iterations, head-major: a loop nest (the group outside)
+    spilled where this does not (gpu-large bf16 head dim 64 on sm_80: 48 bytes).
+    """
+    qt0, qt1, qh0, qh1, qw0, qw1 = ranges
+    PQT, PQH, PQW = q_tabs
+    sq_t, sq_h, sq_w, sq_d = sq
+    sdo_t, sdo_h, sdo_w, sdo_d = sdo
+    if GROUPED:
+        n_walk = stop - start
+        lo, hi = 0, group * n_walk
+    else:
+        lo, hi = start, stop
+    Q0, DO0, LSE0, DELTA0, BIAS0 = Q, DO, LSE, DELTA, BIAS
+    # One flat loop over query tiles (frame, row tile, column tile in raster order).
+    for i in range(lo, hi):
+        if GROUPED:
+            g = (i // n_walk).to(tl.int64)                              # the group's g-th query head
+            it = start + i % n_walk
+            Q = Q0 + g * steps[0]
+            DO = DO0 + g * steps[1]
+            LSE = LSE0 + g * steps[2]
+            DELTA = DELTA0 + g * steps[2]
+            if HAS_BIAS:
+                BIAS = BIAS0 + g * steps[3]
+        else:
+            it = i
+        t = t_lo + it // (n_h * n_w)
+        h = h_lo + ((it // n_w) % n_h) * BH
+        w = w_lo + (it % n_w) * BW
+        frame_ok = (t >= qt0) & (t < qt1) & k_ok                        # [BLOCK_K]
+        qh = h + ih                                                     # [BLOCK_Q]
+        qw = w + iw                                                     # [BLOCK_Q]
+        # Queries past the range ends see nothing of this key tile.
+        q_ok = (qh < h_hi) & (qw < w_hi)                                # [BLOCK_Q]
+        if TABLES:
+            mt = tl.load(PQT + t)                                       # grid coordinates
+            mh = tl.load(PQH + qh, mask=q_ok, other=0)                  # [BLOCK_Q]
+            mw = tl.load(PQW + qw, mask=q_ok, other=0)                  # [BLOCK_Q]
+        else:
+            mt, mh, mw = t, qh, qw
+        q = load_rows(Q, token_offsets(mt, mh, mw, sq_t, sq_h, sq_w), q_ok,
+                      offs_d, sq_d, D, EVEN_D)                          # [BLOCK_Q, BLOCK_D]
+        do = load_rows(DO, token_offsets(mt, mh, mw, sdo_t, sdo_h, sdo_w), q_ok,
+                       offs_d, sdo_d, D, EVEN_D)                        # [BLOCK_Q, BLOCK_D]
+        rq = (mt * H + mh) * W + mw                                     # [BLOCK_Q] grid raster
+        lse2 = tl.load(LSE + rq, mask=q_ok, other=0.0) * C_LOG2E        # [BLOCK_Q]
+        # The range ends h_hi, w_hi also hide the tile's queries past them.
+        vis_t = tile_mask(frame_ok, qh0 - h, tl.minimum(qh1, h_hi) - h - 1,
+                          qw0 - w, tl.minimum(qw1, w_hi) - w - 1, ih, iw)  # [BLOCK_K, BLOCK_Q]
+        if CAUSAL:
+            vis_t = vis_t & (ihw[None, :] >= (rk - ((t * H + h) * W + w))[:, None])
+        s_t = dot(k, tl.trans(q), UPCAST_DOT) * qk_scale                # [BLOCK_K, BLOCK_Q]
+        if HAS_BIAS:
+            b_rows = query_bias_rows(t, qh, qw, True, q_ok, T, H, W, T2, H2, W2, RT, RH, RW, TAB, WIDE_IDX,
+                                     TABLES)                            # [BLOCK_Q]
+            s_t += bias_tile(BIAS, b_cols[:, None] + b_rows[None, :], vis_t)  # [BLOCK_K, BLOCK_Q]
+        p_t = tl.where(vis_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)   # [BLOCK_K, BLOCK_Q]
+        if DO_DV:
+            dv = dot_acc(dv, p_t, do, UPCAST_DOT)                       # [BLOCK_K, BLOCK_D]
+        if DO_DK:
+            delta = tl.load(DELTA + rq, mask=q_ok, other=0.0)           # [BLOCK_Q]
+            dp_t = dot(v, tl.trans(do), UPCAST_DOT)                     # [BLOCK_K, BLOCK_Q]
+            ds_t = p_t * (dp_t - delta[None, :])                        # [BLOCK_K, BLOCK_Q]
+            dk = dot_acc(dk, ds_t, q, UPCAST_DOT)                       # [BLOCK_K, BLOCK_D]
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=RUNTIME_SIZES + EXTRA_SIZES)
 def bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, TAB,
+    Q, K, V, DO, LSE, DELTA, DK, DV, TAB, BIAS,
     sq_b, sq_t, sq_h, sq_w, sq_n, sq_d,
     sk_b, sk_t, sk_h, sk_w, sk_n, sk_d,
     sv_b, sv_t, sv_h, sv_w, sv_n, sv_d,
     sdo_b, sdo_t, sdo_h, sdo_w, sdo_n, sdo_d,
     sdk_b, sdk_t, sdk_h, sdk_w, sdk_n, sdk_d,
     sdv_b, sdv_t, sdv_h, sdv_w, sdv_n, sdv_d,
-    T, H, W, T2, H2, W2, ET, EH, EW, n_heads, D, scale, qk_scale,
+    T, H, W, T2, H2, W2, ET, EH, EW, n_heads, group, RT, RH, RW, D, scale, qk_scale,
     BH: tl.constexpr, BW: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
     WIDE_IDX: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, TABLES: tl.constexpr,
+    GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """dK, dV of one 3D key tile (KT x KH x KW), summed over every query whose window reaches it.
 
@@ -76,7 +164,11 @@ def bwd_dkdv_kernel(
     ``geometry.query_range`` per axis (rescaled centres inverted). TABLES (v2
     window options): key and query tiles in re-laid coordinates, the ranges read
     from the tables at TAB (``relayout``), memory at grid positions; else TAB is None.
-    Grid: (B * heads * cdiv(T2, KT) * cdiv(H2, KH) * cdiv(W2, KW),).
+    GROUPED: ``n_heads`` is K's heads and Q has ``group`` times as many; a program walks
+    the query tiles of each of its kv head's query heads in turn (``dkdv_query_walk``) and
+    sums in registers: one writer per dK/dV element, no atomics, K/V loaded once.
+    HAS_BIAS: BIAS (query heads, 2RT+1, 2RH+1, 2RW+1) contiguous (``extras``), else None.
+    Grid: (B * kv heads * cdiv(T2, KT) * cdiv(H2, KH) * cdiv(W2, KW),).
     """
     BLOCK_Q: tl.constexpr = BH * BW
     BLOCK_K: tl.constexpr = KT * KH * KW
@@ -100,10 +192,20 @@ def bwd_dkdv_kernel(
     if DO_DK:
         v = load_rows(V + b * sv_b + hd * sv_n, token_offsets(mkt, mkh, mkw, sv_t, sv_h, sv_w), k_ok,
                       offs_d, sv_d, D, EVEN_D)                          # [BLOCK_K, BLOCK_D]
-    Q += b * sq_b + hd * sq_n
-    DO += b * sdo_b + hd * sdo_n
-    LSE += bh.to(tl.int64) * (T * H * W)
-    DELTA += bh.to(tl.int64) * (T * H * W)
+    else:
+        v = k                                                           # unused (the dV pass)
+    if GROUPED:
+        # The group's first query head (dkdv_query_walk steps through the group): its
+        # statistics row is (b * heads + hd * group) = bh * group.
+        Q += b * sq_b + hd * group * sq_n
+        DO += b * sdo_b + hd * group * sdo_n
+        LSE += bh.to(tl.int64) * group * (T * H * W)
+        DELTA += bh.to(tl.int64) * group * (T * H * W)
+    else:
+        Q += b * sq_b + hd * sq_n
+        DO += b * sdo_b + hd * sdo_n
+        LSE += bh.to(tl.int64) * (T * H * W)
+        DELTA += bh.to(tl.int64) * (T * H * W)
     rk = (kt * H2 + kh) * W2 + kw                                       # [BLOCK_K] raster (walked coordinates)
     # Per key, the queries that see it per axis (loop invariant, half-open).
     if TABLES:
@@ -144,42 +246,19 @@ def bwd_dkdv_kernel(
         ends_at_b0 = tl.minimum(h_lo + (skip_h + 1) * BH, h_hi) - 1 == b0
         skip_w = tl.where(ends_at_b0, (c0 - w_lo) // BW, 0)
         start = (a0 - t_lo) * n_h * n_w + skip_h * n_w + skip_w
-    # One flat loop over query tiles (frame, row tile, column tile in raster order).
-    for it in range(start, (t_hi - t_lo) * n_h * n_w):
-        t = t_lo + it // (n_h * n_w)
-        h = h_lo + ((it // n_w) % n_h) * BH
-        w = w_lo + (it % n_w) * BW
-        frame_ok = (t >= qt0) & (t < qt1) & k_ok                        # [BLOCK_K]
-        qh = h + ih                                                     # [BLOCK_Q]
-        qw = w + iw                                                     # [BLOCK_Q]
-        # Queries past the range ends see nothing of this key tile.
-        q_ok = (qh < h_hi) & (qw < w_hi)                                # [BLOCK_Q]
-        if TABLES:
-            mt = tl.load(PQT + t)                                       # grid coordinates
-            mh = tl.load(PQH + qh, mask=q_ok, other=0)                  # [BLOCK_Q]
-            mw = tl.load(PQW + qw, mask=q_ok, other=0)                  # [BLOCK_Q]
-        else:
-            mt, mh, mw = t, qh, qw
-        q = load_rows(Q, token_offsets(mt, mh, mw, sq_t, sq_h, sq_w), q_ok,
-                      offs_d, sq_d, D, EVEN_D)                          # [BLOCK_Q, BLOCK_D]
-        do = load_rows(DO, token_offsets(mt, mh, mw, sdo_t, sdo_h, sdo_w), q_ok,
-                       offs_d, sdo_d, D, EVEN_D)                        # [BLOCK_Q, BLOCK_D]
-        rq = (mt * H + mh) * W + mw                                     # [BLOCK_Q] grid raster
-        lse2 = tl.load(LSE + rq, mask=q_ok, other=0.0) * C_LOG2E        # [BLOCK_Q]
-        # The range ends h_hi, w_hi also hide the tile's queries past them.
-        vis_t = tile_mask(frame_ok, qh0 - h, tl.minimum(qh1, h_hi) - h - 1,
-                          qw0 - w, tl.minimum(qw1, w_hi) - w - 1, ih, iw)  # [BLOCK_K, BLOCK_Q]
-        if CAUSAL:
-            vis_t = vis_t & (ihw[None, :] >= (rk - ((t * H + h) * W + w))[:, None])
-        s_t = dot(k, tl.trans(q), UPCAST_DOT) * qk_scale                # [BLOCK_K, BLOCK_Q]
-        p_t = tl.where(vis_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)   # [BLOCK_K, BLOCK_Q]
-        if DO_DV:
-            dv = dot_acc(dv, p_t, do, UPCAST_DOT)                       # [BLOCK_K, BLOCK_D]
-        if DO_DK:
-            delta = tl.load(DELTA + rq, mask=q_ok, other=0.0)           # [BLOCK_Q]
-            dp_t = dot(v, tl.trans(do), UPCAST_DOT)                     # [BLOCK_K, BLOCK_Q]
-            ds_t = p_t * (dp_t - delta[None, :])                        # [BLOCK_K, BLOCK_Q]
-            dk = dot_acc(dk, ds_t, q, UPCAST_DOT)                       # [BLOCK_K, BLOCK_D]
+    stop = (t_hi - t_lo) * n_h * n_w
+    ranges = (qt0, qt1, qh0, qh1, qw0, qw1)
+    q_tabs = (PQT, PQH, PQW) if TABLES else (TAB, TAB, TAB)
+    sq, sdo = (sq_t, sq_h, sq_w, sq_d), (sdo_t, sdo_h, sdo_w, sdo_d)
+    n_bias = (2 * RT + 1) * (2 * RH + 1) * (2 * RW + 1)
+    b_cols = bias_cols(kt, kh, kw, RH, RW) if HAS_BIAS else kt          # [BLOCK_K]
+    if HAS_BIAS:
+        BIAS += (hd * group if GROUPED else hd) * n_bias
+    dk, dv = dkdv_query_walk(
+        dk, dv, k, v, Q, DO, LSE, DELTA, BIAS, b_cols, start, stop, t_lo, h_lo, w_lo, h_hi, w_hi, n_h, n_w,
+        ranges, k_ok, rk, ih, iw, ihw, q_tabs, sq, sdo, (sq_n, sdo_n, T * H * W, n_bias), group, offs_d, D,
+        T, H, W, T2, H2, W2, TAB, RT, RH, RW, qk_scale, BH, BW, CAUSAL, UPCAST_DOT, EVEN_D, WIDE_IDX, DO_DK,
+        DO_DV, TABLES, GROUPED, HAS_BIAS)
 
     if DO_DK:
         store_rows(DK + b * sdk_b + hd * sdk_n, token_offsets(mkt, mkh, mkw, sdk_t, sdk_h, sdk_w), k_ok,
@@ -189,21 +268,32 @@ def bwd_dkdv_kernel(
                    offs_d, sdv_d, D, to_store(dv, DV.dtype.element_ty, UPCAST_DOT), EVEN_D)
 
 
-@triton.jit(do_not_specialize=RUNTIME_SIZES)
+@triton.jit(do_not_specialize=RUNTIME_SIZES + EXTRA_SIZES)
 def bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, TAB,
+    Q, K, V, DO, LSE, DELTA, DQ, TAB, BIAS, DBIAS,
     sq_b, sq_t, sq_h, sq_w, sq_n, sq_d,
     sk_b, sk_t, sk_h, sk_w, sk_n, sk_d,
     sv_b, sv_t, sv_h, sv_w, sv_n, sv_d,
     sdo_b, sdo_t, sdo_h, sdo_w, sdo_n, sdo_d,
     sdq_b, sdq_t, sdq_h, sdq_w, sdq_n, sdq_d,
-    T, H, W, T2, H2, W2, ET, EH, EW, n_heads, D, scale, qk_scale,
+    T, H, W, T2, H2, W2, ET, EH, EW, n_heads, group, RT, RH, RW, D, scale, qk_scale,
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
-    WIDE_IDX: tl.constexpr, TABLES: tl.constexpr,
+    WIDE_IDX: tl.constexpr, TABLES: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """dQ of one 3D query tile: walks the same key box and 1 x KH x KW key tiles as the forward
-    (TABLES and TAB as there).
+    (TABLES and TAB, GROUPED and group, HAS_BIAS and BIAS as there).
+
+    HAS_BIAS: also the bias's gradient, dS summed per (query head, table entry) into DBIAS
+    (float32 (heads, 2RT+1, 2RH+1, 2RW+1) contiguous, zeroed) by one relaxed atomic add per
+    visible score. Why: the bias gradient is a scatter (every score adds to the entry of its
+    offset) and Triton has no in-register scatter-add; FlexAttention's captured-buffer
+    gradients do the same. Cost: one RED.ADD.F32 per visible pair, ~32 per thread and
+    iteration at 64 x 64 tiles, landing on (2RT+1)(2RH+1)(2RW+1) addresses per head (147 at
+    extent (1, 3, 3)), so the L2's atomic units serialise them: on paper about
+    visible pairs / (L2 slices x 1 per clock), e.g. 9.6M pairs at cpu-mid ~ 0.1 ms on an
+    H100, of the order of the dQ kernel itself. The order of the adds varies from run to run:
+    d_bias is not bit-reproducible (dq, dk, dv still are). No (queries x keys) tensor exists.
 
     Pointers: Q, DO, DQ (B, T, H, W, heads, D); K, V (B, T2, H2, W2, heads, D);
     any strides; LSE (natural) and DELTA float32 (B, heads, T, H, W) contiguous.
@@ -222,8 +312,16 @@ def bwd_dq_kernel(
     row = bh.to(tl.int64) * (T * H * W)
     lse2 = tl.load(LSE + row + r_grid, mask=q_ok, other=0.0) * C_LOG2E  # [BLOCK_Q]
     delta = tl.load(DELTA + row + r_grid, mask=q_ok, other=0.0)         # [BLOCK_Q]
-    K += b * sk_b + hd * sk_n
-    V += b * sv_b + hd * sv_n
+    hk = kv_head(hd, group, GROUPED)
+    K += b * sk_b + hk * sk_n
+    V += b * sv_b + hk * sv_n
+    if HAS_BIAS:
+        n_bias = (2 * RT + 1) * (2 * RH + 1) * (2 * RW + 1)
+        BIAS += hd * n_bias
+        DBIAS += hd * n_bias
+        b_rows = query_bias_rows(qt, qh, qw, q_ok, q_ok, T, H, W, T2, H2, W2, RT, RH, RW, TAB, WIDE_IDX,
+                                 TABLES)                                # [BLOCK_Q]
+        b_cols = key_bias_cols(KH, KW, RH, RW)                          # [BLOCK_K]
 
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)                       # [BLOCK_Q, BLOCK_D]
     for it in range(0, n_iter):
@@ -231,9 +329,14 @@ def bwd_dq_kernel(
                                   offs_d, D, H2, W2, KH, KW, EVEN_D, TABLES)  # [BLOCK_K, BLOCK_D] each
         vis = key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL, TABLES)      # [BLOCK_Q, BLOCK_K]
         s = dot(q, tl.trans(k), UPCAST_DOT) * qk_scale                  # [BLOCK_Q, BLOCK_K]
+        if HAS_BIAS:
+            idx = b_rows[:, None] + (bias_cols(a, bb, c, RH, RW) + b_cols)[None, :]  # [BLOCK_Q, BLOCK_K]
+            s += bias_tile(BIAS, idx, vis)
         p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)         # [BLOCK_Q, BLOCK_K]
         dp = dot(do, tl.trans(v), UPCAST_DOT)                           # [BLOCK_Q, BLOCK_K]
         ds = p * (dp - delta[:, None])                                  # [BLOCK_Q, BLOCK_K]
+        if HAS_BIAS:
+            tl.atomic_add(DBIAS + idx, ds, mask=vis, sem="relaxed")
         dq = dot_acc(dq, ds, k, UPCAST_DOT)                             # [BLOCK_Q, BLOCK_D]
 
     mt, mh, mw, _ = grid_rows(TAB, qt, qh, qw, q_ok, T, H, W, T2, H2, W2, TABLES)

@@ -3,7 +3,8 @@
 ``with BoundsChecker() as chk: <launch kernels>`` checks every masked-in
 address of every ``tl.load`` / ``tl.store`` (the interpreter turns both into
 ``InterpreterBuilder.create_masked_load`` / ``create_masked_store`` on raw
-numpy pointer arrays; the unmasked forms call those too) against the tensors
+numpy pointer arrays; the unmasked forms call those too) and of every atomic
+read-modify-write (``tl.atomic_add``: ``create_atomic_rmw``, op "atomic") against the tensors
 passed to that launch: each load or store must address, with every lane its
 mask lets through, elements of one tensor argument of the launch whose element
 size is the access's. "Elements" is exact: the byte addresses
@@ -73,6 +74,7 @@ class BoundsChecker:
         mp = self._stack.enter_context(_Patch())
         init_args, load, store = (itp.GridExecutor._init_args_hst, itp.InterpreterBuilder.create_masked_load,
                                   itp.InterpreterBuilder.create_masked_store)
+        rmw = itp.InterpreterBuilder.create_atomic_rmw
         chk = self
 
         def _init_args_hst(executor, args_dev, kwargs):
@@ -88,7 +90,12 @@ class BoundsChecker:
             chk._check(builder, "store", ptrs, mask)
             return store(builder, ptrs, value, mask, *rest)
 
+        def create_atomic_rmw(builder, op, ptrs, value, mask, *rest):
+            chk._check(builder, "atomic", ptrs, mask)
+            return rmw(builder, op, ptrs, value, mask, *rest)
+
         mp.setattr(itp.GridExecutor, "_init_args_hst", _init_args_hst)
+        mp.setattr(itp.InterpreterBuilder, "create_atomic_rmw", create_atomic_rmw)
         mp.setattr(itp.InterpreterBuilder, "create_masked_load", create_masked_load)
         mp.setattr(itp.InterpreterBuilder, "create_masked_store", create_masked_store)
         return self

@@ -140,7 +140,8 @@ def device_arch(device) -> int:
 
 
 def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype,
-                 arch: int = 90, causal: bool = False, options: Optional[Options] = None) -> Dict[str, LaunchConfig]:
+                 arch: int = 90, causal: bool = False, options: Optional[Options] = None,
+                 bias: bool = False) -> Dict[str, LaunchConfig]:
     """Launch configs of the four kernels on ``arch`` (a capability such as 89, or a family);
     the report compiles exactly these.
 
@@ -149,6 +150,11 @@ def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype,
     in 16-bit on sm_90); the (t, h, w) shapes of those tiles from plan_tiles on the
     actual grids, causal flag (the causal skips change which shapes are best) and v2
     window ``options`` (``causal`` is raster order; per-axis causality is in ``options``).
+
+    ``bias`` (a relative position bias): smaller tiles (``_bias_rows``), since the gathered
+    bias, its int32 index and 64-bit addresses per score, and dQ's atomic adds of dS, cost
+    ~100 registers per thread at 64 x 64: the table's tiles spilled (kernels/report.py: e.g.
+    dQ bf16 head dim 64 on sm_90, 340 bytes; the forward at head dim 256 on sm_80, 100 bytes).
     """
     q_grid, kv_grid, extent = tuple(q_grid), tuple(kv_grid), tuple(extent)
     block_d = block_d_for(D)
@@ -156,10 +162,10 @@ def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype,
     out = {}
     causal, options = bool(causal), options or Options()
     for kind in ("fwd", "dq"):
-        e = table[kind][block_d]
+        e = _bias_rows(table[kind][block_d], kind, block_d, dtype, arch) if bias else table[kind][block_d]
         q_tile, k_tile = plan_tiles(kind, q_grid, kv_grid, extent, causal, e.outer, e.inner, options)
         out[kind] = LaunchConfig(kind, q_tile, k_tile, block_d, e.num_warps, e.num_stages)
-    e = table["dkdv"][block_d]
+    e = _bias_rows(table["dkdv"][block_d], "dkdv", block_d, dtype, arch) if bias else table["dkdv"][block_d]
     q_tile, k_tile = plan_tiles("dkdv", q_grid, kv_grid, extent, causal, e.outer, e.inner, options)
     out["dkdv"] = LaunchConfig("dkdv", q_tile, k_tile, block_d, e.num_warps, e.num_stages, e.split_dkdv)
     # delta is a streaming row sum: 2048 / block_d rows keep 16 values per thread
@@ -167,6 +173,18 @@ def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype,
     rows = min(128, max(16, 2048 // block_d))
     out["preprocess"] = LaunchConfig("preprocess", (1, 1, rows), (1, 1, 1), block_d, 4, 1)
     return out
+
+
+def _bias_rows(entry, kind: str, block_d: int, dtype: torch.dtype, arch: int):
+    """The launch-table entry for a kernel with a relative position bias: the walked tile
+    halved (>= 16 rows: tl.dot), and the program's tile halved too where registers bind
+    hardest (float32, head dim 256, dK/dV from 128) or where 32 rows lose no wgmma
+    (the mma.sync families 80, 86, 120). Checked by kernels/report.py's bias rows."""
+    fam = arch_family(arch)
+    outer = entry.outer
+    if dtype == torch.float32 or block_d >= 256 or (kind == "dkdv" and block_d >= 128) or fam in (80, 86, 120):
+        outer = max(16, outer // 2)
+    return entry._replace(outer=outer, inner=max(16, entry.inner // 2))
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:

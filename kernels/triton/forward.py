@@ -12,19 +12,20 @@ import triton.language as tl
 from nuwa3dna.kernels.triton.jit import (
     C_LN2, C_NEG_BIG, RUNTIME_SIZES, dot, dot_acc, grid_rows, key_mask, key_tile, load_rows, query_walk,
     store_rows, to_store, token_offsets)
+from nuwa3dna.kernels.triton.extras import EXTRA_SIZES, bias_cols, bias_tile, key_bias_cols, kv_head, query_bias_rows
 
 
-@triton.jit(do_not_specialize=RUNTIME_SIZES)
+@triton.jit(do_not_specialize=RUNTIME_SIZES + EXTRA_SIZES)
 def fwd_kernel(
-    Q, K, V, O, LSE, TAB,
+    Q, K, V, O, LSE, TAB, BIAS,
     sq_b, sq_t, sq_h, sq_w, sq_n, sq_d,
     sk_b, sk_t, sk_h, sk_w, sk_n, sk_d,
     sv_b, sv_t, sv_h, sv_w, sv_n, sv_d,
     so_b, so_t, so_h, so_w, so_n, so_d,
-    T, H, W, T2, H2, W2, ET, EH, EW, n_heads, D, qk_scale,
+    T, H, W, T2, H2, W2, ET, EH, EW, n_heads, group, RT, RH, RW, D, qk_scale,
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
-    WIDE_IDX: tl.constexpr, TABLES: tl.constexpr,
+    WIDE_IDX: tl.constexpr, TABLES: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """Forward of one query tile (BT x BH x BW queries, BLOCK_Q rows) of one (batch, head).
 
@@ -34,6 +35,9 @@ def fwd_kernel(
     1 x KH x KW (one key frame per tile, so the frame test is per query row).
     TABLES (v2 window options): TAB int32 window tables (``relayout.packed``), tiles
     in re-laid coordinates, memory and LSE at grid positions; else TAB is None.
+    GROUPED: K, V have heads / group heads, query head h reads kv head h // group.
+    HAS_BIAS: BIAS (heads, 2RT+1, 2RH+1, 2RW+1) contiguous, added to each window key's
+    score (``extras``), else None.
     Grid: (B * heads * cdiv(T, BT) * cdiv(H, BH) * cdiv(W, BW),); consecutive
     programs are neighbouring query tiles of one (batch, head), whose key boxes
     overlap, so K/V are reused from L2.
@@ -46,8 +50,14 @@ def fwd_kernel(
     mt, mh, mw, _ = grid_rows(TAB, qt, qh, qw, q_ok, T, H, W, T2, H2, W2, TABLES)  # [BLOCK_Q] each
     q = load_rows(Q + b * sq_b + hd * sq_n, token_offsets(mt, mh, mw, sq_t, sq_h, sq_w),
                   q_ok, offs_d, sq_d, D, EVEN_D)                        # [BLOCK_Q, BLOCK_D]
-    K += b * sk_b + hd * sk_n
-    V += b * sv_b + hd * sv_n
+    hk = kv_head(hd, group, GROUPED)
+    K += b * sk_b + hk * sk_n
+    V += b * sv_b + hk * sv_n
+    if HAS_BIAS:
+        BIAS += hd * ((2 * RT + 1) * (2 * RH + 1) * (2 * RW + 1))
+        b_rows = query_bias_rows(qt, qh, qw, q_ok, q_ok, T, H, W, T2, H2, W2, RT, RH, RW, TAB, WIDE_IDX,
+                                 TABLES)                                # [BLOCK_Q]
+        b_cols = key_bias_cols(KH, KW, RH, RW)                          # [BLOCK_K]
 
     m_i = tl.full([BLOCK_Q], C_NEG_BIG, tl.float32)                     # [BLOCK_Q] running max (log2)
     l_i = tl.zeros([BLOCK_Q], tl.float32)                               # [BLOCK_Q] running sum
@@ -56,7 +66,12 @@ def fwd_kernel(
         a, bb, c, k, v = key_tile(it, walk, K, V, (sk_t, sk_h, sk_w, sk_d), (sv_t, sv_h, sv_w, sv_d),
                                   offs_d, D, H2, W2, KH, KW, EVEN_D, TABLES)  # [BLOCK_K, BLOCK_D] each
         s = dot(q, tl.trans(k), UPCAST_DOT) * qk_scale                  # [BLOCK_Q, BLOCK_K]
-        s = tl.where(key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL, TABLES), s, float("-inf"))
+        if HAS_BIAS:
+            vis = key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL, TABLES)  # [BLOCK_Q, BLOCK_K]
+            idx = b_rows[:, None] + (bias_cols(a, bb, c, RH, RW) + b_cols)[None, :]  # [BLOCK_Q, BLOCK_K]
+            s = tl.where(vis, s + bias_tile(BIAS, idx, vis), float("-inf"))
+        else:
+            s = tl.where(key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL, TABLES), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))                           # [BLOCK_Q]
         p = tl.math.exp2(s - m_new[:, None])                            # [BLOCK_Q, BLOCK_K]
         alpha = tl.math.exp2(m_i - m_new)                               # [BLOCK_Q]

@@ -10,6 +10,11 @@ before they get here; ``extent`` is resolved (three ints).
 options. Plain options launch the closed-form kernels (TABLES=False, no table
 argument), any other the table path with the window tables of ``relayout``
 (TABLES=True; built once per geometry and device, cached).
+
+Grouped kv heads (k, v with fewer heads than q) launch GROUPED=True with
+``group`` = q heads // kv heads; a relative position ``bias`` HAS_BIAS=True with
+its radii from its shape (``bias_radii``). Without them the kernels compile
+exactly as before (both flags False, BIAS None).
 """
 from __future__ import annotations
 
@@ -58,10 +63,21 @@ def needs_wide_index(q_grid, kv_grid, extent) -> bool:
     return any((n_kv + e) * n_q + n_kv > INT32_MAX for n_q, n_kv, e in zip(q_grid, kv_grid, extent))
 
 
-def _configs(q, k, extent, arch, causal=False, options=None) -> dict:
+def bias_radii(bias) -> Tuple[int, int, int]:
+    """R per axis of a bias (Hq, 2Rt+1, 2Rh+1, 2Rw+1), from its shape: the kernels get the
+    extent capped at the axis lengths, the bias keeps the user's R; (0, 0, 0) without one."""
+    return (0, 0, 0) if bias is None else tuple((n - 1) // 2 for n in bias.shape[1:])
+
+
+def _head_args(q, k, bias) -> list:
+    """The kernels' ``group, RT, RH, RW`` arguments."""
+    return [q.shape[4] // k.shape[4], *bias_radii(bias)]
+
+
+def _configs(q, k, extent, arch, causal=False, options=None, bias=None) -> dict:
     check_index_range(q, k)
     return configs.pick_configs(tuple(q.shape[1:4]), tuple(k.shape[1:4]), extent, q.shape[-1], q.dtype,
-                                arch or configs.device_arch(q.device), causal, options)
+                                arch or configs.device_arch(q.device), causal, options, bias=bias is not None)
 
 
 def window_table(q, k, extent, options: Optional[Options]):
@@ -78,7 +94,7 @@ def _even_d(cfg: LaunchConfig, D: int) -> bool:
     return D == cfg.block_d
 
 
-def _meta(cfg: LaunchConfig, q, k, extent, causal: bool, tab) -> dict:
+def _meta(cfg: LaunchConfig, q, k, extent, causal: bool, tab, bias=None) -> dict:
     # The walked tile is one frame deep (fwd/dq: keys, dkdv: queries); see configs.plan_tiles.
     tiles = (dict(BH=cfg.q_tile[1], BW=cfg.q_tile[2], KT=cfg.k_tile[0], KH=cfg.k_tile[1], KW=cfg.k_tile[2])
              if cfg.kernel == "dkdv" else
@@ -87,19 +103,20 @@ def _meta(cfg: LaunchConfig, q, k, extent, causal: bool, tab) -> dict:
     return dict(**tiles, BLOCK_D=cfg.block_d, CAUSAL=causal, UPCAST_DOT=upcast_dot(q.dtype),
                 EVEN_D=_even_d(cfg, q.shape[-1]),
                 WIDE_IDX=tab is None and needs_wide_index(q.shape[1:4], k.shape[1:4], extent),
-                TABLES=tab is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                TABLES=tab is not None, GROUPED=k.shape[4] != q.shape[4], HAS_BIAS=bias is not None,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def fwd_launch(q, k, v, out, lse, extent, causal, scale, arch=None, options=None):
-    """Forward: grid (B * heads * query tiles,); see forward.fwd_kernel."""
+def fwd_launch(q, k, v, out, lse, extent, causal, scale, arch=None, options=None, bias=None):
+    """Forward: grid (B * heads * query tiles,); see forward.fwd_kernel. ``bias`` contiguous."""
     B, T, H, W, n_heads, D = q.shape
     T2, H2, W2 = k.shape[1:4]
-    cfg = _configs(q, k, extent, arch, causal, options)["fwd"]
+    cfg = _configs(q, k, extent, arch, causal, options, bias)["fwd"]
     tab = window_table(q, k, extent, options)
     grid = (B * n_heads * _n_tiles((T, H, W), cfg.q_tile),)
-    args = [q, k, v, out, lse, tab, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            T, H, W, T2, H2, W2, *extent, n_heads, D, scale * LOG2E]
-    return fwd_kernel, grid, args, _meta(cfg, q, k, extent, causal, tab)
+    args = [q, k, v, out, lse, tab, bias, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            T, H, W, T2, H2, W2, *extent, n_heads, *_head_args(q, k, bias), D, scale * LOG2E]
+    return fwd_kernel, grid, args, _meta(cfg, q, k, extent, causal, tab, bias)
 
 
 def preprocess_launch(q, out, dout, delta, arch=None):
@@ -113,33 +130,36 @@ def preprocess_launch(q, out, dout, delta, arch=None):
     return bwd_preprocess_kernel, grid, args, meta
 
 
-def dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale, arch=None, options=None):
+def dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale, arch=None, options=None,
+                  bias=None):
     """One launch (dK and dV together) or two (a dK pass, a dV pass; see split_dkdv);
-    grid (B * heads * key tiles,)."""
+    grid (B * kv heads * key tiles,): a program sums its kv head's query heads."""
     B, T, H, W, n_heads, D = q.shape
-    T2, H2, W2 = k.shape[1:4]
-    cfg = _configs(q, k, extent, arch, causal, options)["dkdv"]
+    T2, H2, W2, kv_heads = k.shape[1:5]
+    cfg = _configs(q, k, extent, arch, causal, options, bias)["dkdv"]
     tab = window_table(q, k, extent, options)
-    grid = (B * n_heads * _n_tiles((T2, H2, W2), cfg.k_tile),)
-    args = [q, k, v, dout, lse, delta, dk, dv, tab,
+    grid = (B * kv_heads * _n_tiles((T2, H2, W2), cfg.k_tile),)
+    args = [q, k, v, dout, lse, delta, dk, dv, tab, bias,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-            T, H, W, T2, H2, W2, *extent, n_heads, D, scale, scale * LOG2E]
-    meta = _meta(cfg, q, k, extent, causal, tab)
+            T, H, W, T2, H2, W2, *extent, kv_heads, *_head_args(q, k, bias), D, scale, scale * LOG2E]
+    meta = _meta(cfg, q, k, extent, causal, tab, bias)
     passes = [(True, False), (False, True)] if cfg.split_dkdv else [(True, True)]
     return [(bwd_dkdv_kernel, grid, args, dict(meta, DO_DK=a, DO_DV=b)) for a, b in passes]
 
 
-def dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale, arch=None, options=None):
-    """dQ: grid (B * heads * query tiles,), as the forward."""
+def dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale, arch=None, options=None, bias=None,
+              dbias=None):
+    """dQ: grid (B * heads * query tiles,), as the forward; with ``bias`` it adds d_bias into
+    ``dbias`` (float32, the bias's shape, contiguous)."""
     B, T, H, W, n_heads, D = q.shape
     T2, H2, W2 = k.shape[1:4]
-    cfg = _configs(q, k, extent, arch, causal, options)["dq"]
+    cfg = _configs(q, k, extent, arch, causal, options, bias)["dq"]
     tab = window_table(q, k, extent, options)
     grid = (B * n_heads * _n_tiles((T, H, W), cfg.q_tile),)
-    args = [q, k, v, dout, lse, delta, dq, tab,
+    args = [q, k, v, dout, lse, delta, dq, tab, bias, dbias,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-            T, H, W, T2, H2, W2, *extent, n_heads, D, scale, scale * LOG2E]
-    return bwd_dq_kernel, grid, args, _meta(cfg, q, k, extent, causal, tab)
+            T, H, W, T2, H2, W2, *extent, n_heads, *_head_args(q, k, bias), D, scale, scale * LOG2E]
+    return bwd_dq_kernel, grid, args, _meta(cfg, q, k, extent, causal, tab, bias)
 
 
 def device_guard(device):
@@ -156,26 +176,31 @@ def _run(spec) -> None:
 
 def forward(q, k, v, extent, causal: bool, scale: float,
             out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-            options: Optional[Options] = None):
+            options: Optional[Options] = None, bias: Optional[torch.Tensor] = None):
     """Launch the forward; returns (out, lse). ``out`` (any strides) and ``lse``
     (contiguous float32, ``stats_shape(q)``) may be preallocated, e.g. NaN-poisoned by tests.
-    ``options``: the v2 window options (None: plain)."""
+    ``options``: the v2 window options (None: plain); ``bias``: the relative position bias
+    (Hq, 2Rt+1, 2Rh+1, 2Rw+1) or None; k, v may have fewer heads than q."""
     check_index_range(q, k)
     with device_guard(q.device):
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if lse is None:
             lse = torch.empty(stats_shape(q), dtype=torch.float32, device=q.device)
-        _run(fwd_launch(q, k, v, out, lse, extent, causal, scale, options=options))
+        _run(fwd_launch(q, k, v, out, lse, extent, causal, scale, options=options,
+                        bias=None if bias is None else bias.contiguous()))
     return out, lse
 
 
 def backward(q, k, v, out, lse, dout, extent, causal: bool, scale: float,
-             dq=None, dk=None, dv=None, delta=None, dlse=None, options: Optional[Options] = None):
+             dq=None, dk=None, dv=None, delta=None, dlse=None, options: Optional[Options] = None,
+             bias: Optional[torch.Tensor] = None, dbias: Optional[torch.Tensor] = None):
     """Launch preprocess, dK/dV and dQ; returns (dq, dk, dv). Buffers may be
     preallocated; ``dout`` is read through its strides (broadcast stride 0 included).
     ``dlse``: the gradient of the returned lse (``stats_shape(q)``) or None; it enters
-    as delta - dlse (d lse_i / d s_ij = p_ij)."""
+    as delta - dlse (d lse_i / d s_ij = p_ij). ``bias`` as ``forward``; its gradient is
+    added into ``dbias`` (float32 zeros of the bias's shape, contiguous; a scratch one
+    when None)."""
     check_index_range(q, k)
     with device_guard(q.device):
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
@@ -186,7 +211,13 @@ def backward(q, k, v, out, lse, dout, extent, causal: bool, scale: float,
         _run(preprocess_launch(q, out, dout, delta))
         if dlse is not None:
             delta.sub_(dlse)
-        for spec in dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale, options=options):
+        if bias is not None:
+            bias = bias.contiguous()
+            if dbias is None:
+                dbias = torch.zeros(bias.shape, dtype=torch.float32, device=q.device)
+        for spec in dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale, options=options,
+                                  bias=bias):
             _run(spec)
-        _run(dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale, options=options))
+        _run(dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale, options=options, bias=bias,
+                       dbias=dbias))
     return dq, dk, dv

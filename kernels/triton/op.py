@@ -7,7 +7,10 @@
 ``causal`` is raster order; ``window`` the v2 window options (dilation, stride,
 per-axis causal, shifted borders, asymmetric radii) as ``windows.Options.encode``
 writes them, None or empty for plain windows (the closed-form kernels; any
-other takes the kernels' table path, ``relayout``).
+other takes the kernels' table path, ``relayout``). k and v may have fewer heads
+than q (grouped queries: read in place, never repeated); ``bias`` (Hq, 2Rt+1,
+2Rh+1, 2Rw+1), any float dtype, is read in the kernels and its gradient summed
+there in float32 (``backward.bwd_dq_kernel``), returned in the bias's dtype.
 
 Each is opaque to ``torch.compile`` (fullgraph) with a fake implementation for
 shape propagation; the backward is registered with ``register_autograd``
@@ -35,15 +38,7 @@ from nuwa3dna.kernels.windows import Options
 def triton_fwd(q: Tensor, k: Tensor, v: Tensor, extent: List[int], causal: bool,
                scale: float, window: Optional[List[int]] = None,
                bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    _unsupported(q, k, bias)
-    return forward(q, k, v, tuple(extent), causal, scale, options=Options.decode(window))
-
-
-def _unsupported(q, k, bias) -> None:
-    if bias is not None:
-        raise NotImplementedError("backend='triton' does not take a relative position bias yet")
-    if k.shape[4] != q.shape[4]:
-        raise NotImplementedError("backend='triton' does not take fewer key/value heads than query heads yet")
+    return forward(q, k, v, tuple(extent), causal, scale, options=Options.decode(window), bias=bias)
 
 
 @triton_fwd.register_fake
@@ -56,11 +51,12 @@ def triton_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Te
                lse: Tensor, extent: List[int], causal: bool, scale: float,
                window: Optional[List[int]] = None,
                bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    _unsupported(q, k, bias)
     # dout goes in as autograd hands it over: the kernels read it through its
     # strides, so a broadcast (stride-0) gradient from out.sum() is not copied.
-    return backward(q, k, v, out, lse, dout, tuple(extent), causal, scale, dlse=dlse,
-                    options=Options.decode(window)) + (no_bias_grad(q),)
+    dbias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+    dq, dk, dv = backward(q, k, v, out, lse, dout, tuple(extent), causal, scale, dlse=dlse,
+                          options=Options.decode(window), bias=bias, dbias=dbias)
+    return dq, dk, dv, (no_bias_grad(q) if bias is None else dbias.to(bias.dtype))
 
 
 wire(triton_fwd, triton_bwd)

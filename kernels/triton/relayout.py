@@ -10,7 +10,11 @@ window, with table lookups where the plain path computes centres:
 * queries in the order (c mod d, p), c = floor(p * m / n) the centre: ``pq[i']``;
 * ``lo[i'], hi[i']``: re-laid query i''s window, [lo, hi) in re-laid key
   coordinates (per-axis causality folded into hi);
-* ``q0[j'], q1[j']``: the re-laid queries whose window holds re-laid key j', [q0, q1).
+* ``q0[j'], q1[j']``: the re-laid queries whose window holds re-laid key j', [q0, q1);
+* ``ld[i']``: the re-laid index of re-laid query i''s leader (``windows.axis_leaders``). A
+  window key shares the leader's residue class, where re-laid keys are d grid positions
+  apart, so its relative position bias index (j - l) // d + R is j' - ld[i'] + R: linear
+  in the walked coordinates, as j - c + R is on the plain path.
 
 lo and hi are non-decreasing in i': within a residue class the window's ends are
 monotone in the centre, and class r's keys all precede class r + 1's. So a tile of
@@ -26,7 +30,8 @@ path's causal skips (walk tails, dK/dV heads) hold unchanged.
 
 The kernels read the grid through ``pq`` / ``pk`` (no copy of q, k, v): outputs,
 gradients and the log-sum-exp land at their grid positions. ``packed`` lays the
-tables of the three axes into one int32 tensor (``jit.axis_tables`` reads it);
+tables of the three axes into one int32 tensor (``jit.axis_tables`` reads it; the
+leader tables follow the three axes' blocks, ``jit.axis_leaders``);
 ``window_tables`` gives them to the tile planner (``plan.computed_pairs``) as tuples.
 """
 from __future__ import annotations
@@ -36,7 +41,7 @@ from typing import NamedTuple, Sequence, Tuple
 
 import torch
 
-from nuwa3dna.kernels.windows import Options, axis_windows
+from nuwa3dna.kernels.windows import Options, axis_leaders, axis_windows
 
 Grid = Tuple[int, int, int]
 FIELDS = ("lo", "hi", "pq", "pk", "q0", "q1")     # the packed order of one axis
@@ -50,6 +55,7 @@ class AxisTable(NamedTuple):
     pk: Tuple[int, ...]     # m: re-laid key -> grid position
     q0: Tuple[int, ...]     # m: first re-laid query whose window holds the key
     q1: Tuple[int, ...]     # m: last + 1
+    ld: Tuple[int, ...]     # n: re-laid index of the query's leader (the bias's origin)
 
 
 @functools.lru_cache(maxsize=512)
@@ -69,7 +75,9 @@ def axis_table(n: int, m: int, before: int, after: int, dilation: int = 1, strid
     lo, hi = lo[pq].contiguous(), hi[pq].contiguous()
     q0 = torch.searchsorted(hi, j, right=True)                              # #{i: hi[i] <= j}
     q1 = torch.searchsorted(lo, j, right=True)                              # #{i: lo[i] <= j}
-    return AxisTable(*(tuple(x.tolist()) for x in (lo, hi, pq, pk, q0, q1)))
+    lead = axis_leaders(n, m, d, stride, causal)                            # grid position, residue r
+    ld = (first[r] + torch.div(lead - r, d, rounding_mode="floor"))[pq]
+    return AxisTable(*(tuple(x.tolist()) for x in (lo, hi, pq, pk, q0, q1, ld)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -79,17 +87,18 @@ def window_tables(q_grid: Grid, kv_grid: Grid, extent: Grid, options: Options) -
 
 
 def packed_size(q_grid: Sequence[int], kv_grid: Sequence[int]) -> int:
-    return sum(3 * (n + m) for n, m in zip(q_grid, kv_grid))
+    return sum(3 * (n + m) + n for n, m in zip(q_grid, kv_grid))
 
 
 @functools.lru_cache(maxsize=64)
 def _packed(q_grid: Grid, kv_grid: Grid, extent: Grid, options: Options, device: torch.device) -> torch.Tensor:
     tables = window_tables(q_grid, kv_grid, extent, options)
-    flat = [x for t in tables for name in FIELDS for x in getattr(t, name)]
+    flat = [x for t in tables for name in FIELDS for x in getattr(t, name)] + [x for t in tables for x in t.ld]
     return torch.tensor(flat, dtype=torch.int32).to(device)
 
 
 def packed(q_grid, kv_grid, extent, options: Options, device) -> torch.Tensor:
-    """int32 (3 * (T + T2 + H + H2 + W + W2),): per axis t, h, w the fields lo, hi, pq (n
-    each), pk, q0, q1 (m each), back to back (``jit.axis_tables``). Cached per device."""
+    """int32 (3 * (T + T2 + H + H2 + W + W2) + T + H + W,): per axis t, h, w the fields lo, hi,
+    pq (n each), pk, q0, q1 (m each), back to back (``jit.axis_tables``), then the leader
+    tables ld of t, h, w (``jit.axis_leaders``). Cached per device."""
     return _packed(tuple(q_grid), tuple(kv_grid), tuple(extent), options, torch.device(device))
