@@ -288,12 +288,13 @@ def bwd_dq_kernel(
     (float32 (heads, 2RT+1, 2RH+1, 2RW+1) contiguous, zeroed) by one relaxed atomic add per
     visible score. Why: the bias gradient is a scatter (every score adds to the entry of its
     offset) and Triton has no in-register scatter-add; FlexAttention's captured-buffer
-    gradients do the same. Cost: one RED.ADD.F32 per visible pair, ~32 per thread and
-    iteration at 64 x 64 tiles, landing on (2RT+1)(2RH+1)(2RW+1) addresses per head (147 at
-    extent (1, 3, 3)), so the L2's atomic units serialise them: on paper about
-    visible pairs / (L2 slices x 1 per clock), e.g. 9.6M pairs at cpu-mid ~ 0.1 ms on an
-    H100, of the order of the dQ kernel itself. The order of the adds varies from run to run:
-    d_bias is not bit-reproducible (dq, dk, dv still are). No (queries x keys) tensor exists.
+    gradients do the same. Cost: one RED.ADD.F32 per visible pair, landing on
+    (2RT+1)(2RH+1)(2RW+1) addresses per head (147 at extent (1, 3, 3)), which the L2's
+    atomic units serialise: at an assumed one per clock per L2 slice (kernels/perf.py,
+    ``ATOMICS_PER_S``) cpu-mid's 7.9M visible pairs cost ~47 us on an H100, about the
+    plain backward's own predicted time (48 us), so ``report --perf`` predicts the bias's
+    backward at ~2x the plain one. The order of the adds varies from run to run: d_bias is
+    not bit-reproducible (dq, dk, dv still are). No (queries x keys) tensor exists.
 
     Pointers: Q, DO, DQ (B, T, H, W, heads, D); K, V (B, T2, H2, W2, heads, D);
     any strides; LSE (natural) and DELTA float32 (B, heads, T, H, W) contiguous.
