@@ -177,12 +177,12 @@ def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype,
 
 def _bias_rows(entry, kind: str, block_d: int, dtype: torch.dtype, arch: int):
     """The launch-table entry for a kernel with a relative position bias: the walked tile
-    halved (>= 16 rows: tl.dot), and the program's tile halved too where registers bind
-    hardest (float32, head dim 256, dK/dV from 128) or where 32 rows lose no wgmma
-    (the mma.sync families 80, 86, 120). Checked by kernels/report.py's bias rows."""
-    fam = arch_family(arch)
+    halved (>= 16 rows: tl.dot), and the program's tile halved too, except on sm_90 (whose
+    wgmma wants 64 rows) where only float32, head dim 256 and dK/dV from head dim 128 need
+    it (sm_100's 16-bit dQ at head dim 64 kept 64 rows at 168 registers, spilling 80 bytes).
+    Checked by kernels/report.py's bias rows."""
     outer = entry.outer
-    if dtype == torch.float32 or block_d >= 256 or (kind == "dkdv" and block_d >= 128) or fam in (80, 86, 120):
+    if arch_family(arch) != 90 or dtype == torch.float32 or block_d >= 256 or (kind == "dkdv" and block_d >= 128):
         outer = max(16, outer // 2)
     return entry._replace(outer=outer, inner=max(16, entry.inner // 2))
 
