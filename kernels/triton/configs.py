@@ -175,14 +175,20 @@ def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype,
     return out
 
 
+_BIAS_KEEP_ROWS = frozenset({(90, "fwd"), (90, "dq"), (90, "dkdv"), (100, "dkdv")})
+
+
 def _bias_rows(entry, kind: str, block_d: int, dtype: torch.dtype, arch: int):
     """The launch-table entry for a kernel with a relative position bias: the walked tile
-    halved (>= 16 rows: tl.dot), and the program's tile halved too, except on sm_90 (whose
-    wgmma wants 64 rows) where only float32, head dim 256 and dK/dV from head dim 128 need
-    it (sm_100's 16-bit dQ at head dim 64 kept 64 rows at 168 registers, spilling 80 bytes).
-    Checked by kernels/report.py's bias rows."""
+    halved (>= 16 rows: tl.dot), and the program's tile halved too, except for the 16-bit
+    (family, kernel) pairs of ``_BIAS_KEEP_ROWS`` below head dim 256 (dK/dV: 128). sm_90's
+    wgmma wants 64 rows; sm_100's dK/dV at 32 key rows spilled 8 B at head dim 64 (168
+    registers) where 64 did not, its dQ at 64 rows 80 B. Checked by kernels/report.py's
+    bias rows."""
     outer = entry.outer
-    if arch_family(arch) != 90 or dtype == torch.float32 or block_d >= 256 or (kind == "dkdv" and block_d >= 128):
+    keep = (arch_family(arch), kind) in _BIAS_KEEP_ROWS and dtype != torch.float32 \
+        and block_d < (128 if kind == "dkdv" else 256)
+    if not keep:
         outer = max(16, outer // 2)
     return entry._replace(outer=outer, inner=max(16, entry.inner // 2))
 
