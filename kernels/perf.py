@@ -1,6 +1,8 @@
 """Static performance model of the Triton kernels: ``python -m nuwa3dna.kernels.report --perf``.
 
-One row per (workload, pass, architecture), without a GPU and without compiling:
+One row per (workload, pass, architecture), without a GPU and without compiling, for
+the named workloads and their v2-option variants (``problems.WINDOW_WORKLOADS``: the
+kernels' table path, counted on its window tables):
 
 * ``computed``: score pairs the kernels compute (``triton.plan.computed_pairs``
   on the launchers' tile plan: loop iterations x tile rows x tile columns,
@@ -17,19 +19,31 @@ One row per (workload, pass, architecture), without a GPU and without compiling:
   item 5), so it is a lower bound on the kernels' time, not an estimate of it.
 
 Peaks (dense bf16, per the vendors' data sheets): H100 SXM 3.35 TB/s, 989
-TFLOP/s; A100 SXM 2.04 TB/s, 312 TFLOP/s. Not measured here (no GPU):
+TFLOP/s; A100 SXM 2.04 TB/s, 312 TFLOP/s.
+
+Issue 14's rows (``EXTRA_VARIANTS``, named ``cpu-mid+kv2`` etc.): grouped kv heads change
+only the bytes (k, v, dk, dv at Hk heads; the same pairs and MMAs); a bias adds, to the
+backward, dQ's atomic adds of dS (one per visible pair, at ``ATOMICS_PER_S``, an assumed
+rate) and nothing to the MMAs (its gather per score, like the masks, is issue work that the
+model ignores); global tokens add their PyTorch part (``global_part_cost``: every aten op's
+tensors read and written once, float32 scores in memory, matmuls at the fp32 peak),
+run after the kernels, its pairs counted as computed and visible. Not measured here (no GPU):
 ``gpu/acceptance.py`` times the kernels next to these predictions.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Dict, List
 
 import torch
 
-from nuwa3dna.kernels.problems import WORKLOADS, Problem
-from nuwa3dna.kernels.triton import configs
+from nuwa3dna.kernels.problems import WINDOW_WORKLOADS, WORKLOADS, Problem
+from nuwa3dna.kernels.triton import configs, relayout
 from nuwa3dna.kernels.triton.plan import computed_pairs
+from nuwa3dna.kernels.windows import Options
+
+PERF_WORKLOADS = {**WORKLOADS, **WINDOW_WORKLOADS}
 
 # (HBM bytes/s, dense 16-bit tensor FLOP/s) of the reference part of each family.
 PEAKS = {90: ("H100 SXM", 3.35e12, 989e12), 80: ("A100 SXM", 2.039e12, 312e12)}
@@ -41,20 +55,84 @@ def _mma_flops_per_pair(kind: str, D: int, split: int) -> int:
     return {"fwd": 2 * D * (1 + split), "dq": 2 * D * (2 + split), "dkdv": 2 * D * (2 + 2 * split)}[kind]
 
 
-def workload_rows(p: Problem, arch: int = 90, dtype=torch.bfloat16) -> List[Dict]:
-    """The forward and backward rows of ``p`` on ``arch``'s reference part."""
+# ----------------------------------------------------------------------------- issue 14 variants
+
+
+# Beyond the window (docs/design.md section 8) on cpu-mid: (base workload, kv heads, global
+# tokens, bias). Named ``base+variant`` like kernels/report.py's compiled variants.
+EXTRA_VARIANTS = {
+    "cpu-mid+kv2": ("cpu-mid", 2, 0, False),
+    "cpu-mid+global64": ("cpu-mid", None, 64, False),
+    "cpu-mid+bias": ("cpu-mid", None, 0, True),
+}
+# Assumptions of the rows below, not measured (no GPU): fp32 CUDA-core peak for PyTorch's
+# float32 einsums (TF32 off by default), and the L2's float32 atomic throughput: one per
+# clock per slice (H100 SXM: 96 slices assumed at 1.755 GHz; A100: 80 at 1.41 GHz).
+FP32_PEAKS = {90: 67e12, 80: 19.5e12}
+ATOMICS_PER_S = {90: 96 * 1.755e9, 80: 80 * 1.41e9}
+
+
+class _TorchCost:
+    """Bytes every aten op of a block reads and writes once (views and allocations move
+    nothing), and the block's matmul FLOPs (``FlopCounterMode``), on meta tensors."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        cost = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if not func.is_view and "empty" not in func.__name__:
+                    leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+                    cost.bytes += sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+                return out
+        self.bytes, self.mode = 0, Mode()
+
+
+def global_part_cost(p: Problem, kv_heads: int, n_global: int, dtype=torch.bfloat16):
+    """(bytes, FLOPs) of the global tokens' part, forward and backward separately: nuwa3dna.merge's
+    ``global_attention`` and ``merge_attentions`` as ``nearby_attention`` runs them after the
+    kernels (PyTorch ops, float32 scores), replayed on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nuwa3dna.merge import global_attention, merge_attentions
+    meta = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta", requires_grad=True)
+    q, out_w = meta(p.B, *p.q_grid, p.heads, p.D), meta(p.B, *p.q_grid, p.heads, p.D)
+    lse_w = meta(p.B, *p.q_grid, p.heads, dt=torch.float32)
+    ak, av = meta(p.B, n_global, kv_heads, p.D), meta(p.B, n_global, kv_heads, p.D)
+    cost = _TorchCost()
+    with cost.mode, FlopCounterMode(display=False) as flops:
+        out, lse = merge_attentions([(out_w, lse_w), global_attention(q, ak, av, p.D ** -0.5)])
+        fwd = (cost.bytes, flops.get_total_flops())
+    grads = (torch.empty(out.shape, dtype=out.dtype, device="meta"), torch.empty(lse.shape, device="meta"))
+    with cost.mode, FlopCounterMode(display=False) as flops:
+        torch.autograd.backward([out, lse], list(grads))
+        bwd = (cost.bytes - fwd[0], flops.get_total_flops())
+    return {"fwd": fwd, "bwd": bwd}
+
+
+def workload_rows(p: Problem, arch: int = 90, dtype=torch.bfloat16, kv_heads=None, n_global: int = 0,
+                  bias: bool = False, name=None) -> List[Dict]:
+    """The forward and backward rows of ``p`` on ``arch``'s reference part; ``kv_heads``,
+    ``n_global``, ``bias``: issue 14's variants (``EXTRA_VARIANTS``, ``variant_rows``)."""
     part, bw, peak = PEAKS[arch]
     ext, bh, D = p.resolved_extent, p.B * p.heads, p.D
-    cfgs = configs.pick_configs(p.q_grid, p.kv, ext, D, dtype, arch, p.causal)
+    opts, raster = Options.of(p.causal, **p.options), p.causal is True
+    tables = None if opts.plain else relayout.window_tables(p.q_grid, p.kv, ext, opts)
+    cfgs = configs.pick_configs(p.q_grid, p.kv, ext, D, dtype, arch, raster, opts, bias=bias)
     split = 2 if dtype == torch.bfloat16 else 1
-    nq, nk = (p.B * p.heads * g[0] * g[1] * g[2] for g in (p.q_grid, p.kv))
+    nq = p.B * p.heads * math.prod(p.q_grid)
+    nk = p.B * (kv_heads or p.heads) * math.prod(p.kv)         # grouped kv heads: k, v read once
+    glob = global_part_cost(p, kv_heads or p.heads, n_global, dtype) if n_global else None
     es = torch.finfo(dtype).bits // 8
     visible = bh * p.visible_pairs()
     rows = []
     for pas in PASSES:
         kinds = ("fwd",) if pas == "fwd" else ("dq", "dkdv")
-        computed = {k: bh * computed_pairs(k, p.q_grid, p.kv, ext, p.causal, cfgs[k].q_tile, cfgs[k].k_tile)
-                    for k in kinds}
+        computed = {k: bh * computed_pairs(k, p.q_grid, p.kv, ext, raster, cfgs[k].q_tile, cfgs[k].k_tile,
+                                           tables) for k in kinds}
         mma = sum(n * _mma_flops_per_pair(k, D, split) for k, n in computed.items())
         if pas == "fwd":    # read q, k, v; write out and the log-sum-exp
             nbytes = (nq + 2 * nk) * D * es + nq * D * es + nq * 4
@@ -62,26 +140,44 @@ def workload_rows(p: Problem, arch: int = 90, dtype=torch.bfloat16) -> List[Dict
             nbytes = (3 * nq + 2 * nk) * D * es + nq * 4 * 3 + (nq + 2 * nk) * D * es
         useful = p.flops(backward=pas == "bwd") - (p.flops() if pas == "bwd" else 0)
         mem_us = nbytes / bw * 1e6
+        predicted = max(mem_us, mma / peak * 1e6)
+        seen, done = visible * len(kinds), sum(computed.values())
+        extra_us = 0.0
+        if bias and pas == "bwd":       # dQ's atomic adds of dS: one per visible pair
+            extra_us += visible / ATOMICS_PER_S[arch] * 1e6
+        if glob:                        # the global tokens' PyTorch part, after the kernels
+            g_bytes, g_flops = glob[pas]
+            g_pairs = bh * math.prod(p.q_grid) * n_global * len(kinds)
+            seen, done, nbytes = seen + g_pairs, done + g_pairs, nbytes + g_bytes
+            useful += 4.0 * D * bh * math.prod(p.q_grid) * n_global * (2.5 if pas == "bwd" else 1.0)
+            extra_us += g_bytes / bw * 1e6 + g_flops / FP32_PEAKS[arch] * 1e6
+            mem_us = nbytes / bw * 1e6
         rows.append(dict(
-            workload=p.name, pass_=pas, arch=f"sm_{arch}", part=part,
+            workload=name or p.name, pass_=pas, arch=f"sm_{arch}", part=part,
             tiles=" ".join(f"{k}:{'x'.join(map(str, cfgs[k].q_tile))}/{'x'.join(map(str, cfgs[k].k_tile))}"
                            for k in kinds),
-            computed=sum(computed.values()), visible=visible * len(kinds),
-            useful=visible * len(kinds) / sum(computed.values()), mb=nbytes / 1e6,
-            roofline_us=max(mem_us, useful / peak * 1e6), predicted_us=max(mem_us, mma / peak * 1e6)))
+            computed=done, visible=seen, useful=seen / done, mb=nbytes / 1e6,
+            roofline_us=max(mem_us, useful / peak * 1e6), predicted_us=predicted + extra_us))
     return rows
 
 
-def perf_rows(workloads=tuple(WORKLOADS), archs=(90, 80)) -> List[Dict]:
-    return [r for name in workloads for arch in archs for r in workload_rows(WORKLOADS[name], arch)]
+def variant_rows(name: str, arch: int = 90, dtype=torch.bfloat16) -> List[Dict]:
+    """The rows of an ``EXTRA_VARIANTS`` workload."""
+    base, kv_heads, n_global, bias = EXTRA_VARIANTS[name]
+    return workload_rows(PERF_WORKLOADS[base], arch, dtype, kv_heads, n_global, bias, name)
 
 
-HEADER = (f"{'workload':<13}{'pass':<5}{'arch':<7}{'tiles':<40}{'computed':>13}{'visible':>13}"
+def perf_rows(workloads=tuple(PERF_WORKLOADS) + tuple(EXTRA_VARIANTS), archs=(90, 80)) -> List[Dict]:
+    return [r for name in workloads for arch in archs
+            for r in (variant_rows(name, arch) if name in EXTRA_VARIANTS else workload_rows(PERF_WORKLOADS[name], arch))]
+
+
+HEADER = (f"{'workload':<21}{'pass':<5}{'arch':<7}{'tiles':<40}{'computed':>13}{'visible':>13}"
           f"{'useful %':>9}{'MB':>8}{'predicted us':>13}{'roofline us':>12}")
 
 
 def fmt(r: Dict) -> str:
-    return (f"{r['workload']:<13}{r['pass_']:<5}{r['arch']:<7}{r['tiles']:<40}{r['computed']:>13,}"
+    return (f"{r['workload']:<21}{r['pass_']:<5}{r['arch']:<7}{r['tiles']:<40}{r['computed']:>13,}"
             f"{r['visible']:>13,}{100 * r['useful']:>8.1f}%{r['mb']:>8.1f}{r['predicted_us']:>13.1f}"
             f"{r['roofline_us']:>12.1f}")
 
@@ -143,7 +239,8 @@ def main(sass: bool = False) -> int:
     for r in perf_rows():
         extra = ""
         if sass and r["pass_"] == "fwd":
-            s = sass_loop(r["workload"], "fwd", WORKLOADS[r["workload"]].D, torch.bfloat16, int(r["arch"][3:]))
+            base = r["workload"].split("+")[0]
+            s = sass_loop(r["workload"], "fwd", PERF_WORKLOADS[base].D, torch.bfloat16, int(r["arch"][3:]))
             extra = f"{s['per_mma']:>11.1f}"
         print(fmt(r) + extra, flush=True)
     return 0

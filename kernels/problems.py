@@ -1,6 +1,8 @@
 """One list of 3DNA problems shared by tests, benchmarks and the README.
 
-``WORKLOADS`` are the named workloads of docs/design.md section 6. ``TEST_PROBLEMS``
+``WORKLOADS`` are the named workloads of docs/design.md section 6; ``WINDOW_WORKLOADS``
+v2-option variants of them (cpu-mid dilated, strided and frame-causal; nuwa-video
+strided) for the GPU perf report and the AOT report (kernels/perf.py, kernels/report.py). ``TEST_PROBLEMS``
 are small, deliberately odd shapes (no size a multiple of any block) for
 correctness tests, including under the Triton interpreter. ``WINDOW_PROBLEMS`` add
 the v2 window options (docs/design.md section 7: dilation, stride, per-axis causal,
@@ -94,6 +96,17 @@ WORKLOADS = {
         Problem(1, (32, 32, 32), 8, 64, (1, 3, 3), name="cpu-mid-4x"),
         Problem(2, (16, 48, 48), 16, 64, (1, 3, 3), name="gpu-large"),
         Problem(1, (10, 21, 21), 8, 64, (1, 2, 2), kv_grid=(10, 14, 14), name="cross-sketch"),
+    ]
+}
+
+# cpu-mid with one v2 option each (issue 13's benchmark rows), and nuwa-video with strided
+# windows under raster causality (the kernels' causal table path).
+WINDOW_WORKLOADS = {
+    p.name: p for p in [
+        Problem(1, (8, 32, 32), 8, 64, (1, 3, 3), dilation=(1, 2, 2), name="cpu-mid-dilation"),
+        Problem(1, (8, 32, 32), 8, 64, (1, 3, 3), stride=(1, 2, 2), name="cpu-mid-stride"),
+        Problem(1, (8, 32, 32), 8, 64, (1, 3, 3), causal=(True, False, False), name="cpu-mid-frame-causal"),
+        Problem(1, (10, 21, 21), 8, 64, (3, 3, 3), causal=True, stride=(1, 2, 2), name="nuwa-video-stride"),
     ]
 }
 

@@ -7,8 +7,14 @@ exactly the launch configuration the launchers pick (``triton.launch.*_launch``
 build the arguments, block sizes, num_warps and num_stages; nothing is
 restated here), for head dims 16/32/64/128/256 and float16/bfloat16/float32,
 on the GPU workloads of docs/design.md (``gpu-large``: non-causal, ``nuwa-video``:
-causal) and on ``long-axis`` (a 1 x 1 x 65536 causal grid, whose window
-arithmetic needs the kernels' int64 variant, WIDE_IDX). It prints per config:
+causal), on ``long-axis`` (a 1 x 1 x 65536 causal grid, whose window
+arithmetic needs the kernels' int64 variant, WIDE_IDX), and on the table path
+of the v2 window options (TABLES: ``cpu-mid-dilation``, non-causal, and
+``nuwa-video-stride``, raster causal; ``problems.WINDOW_WORKLOADS``) at head
+dims 64, 128 and 256, and with the operator's grouped kv heads and relative position
+bias (docs/design.md section 8; ``VARIANTS``: workloads named ``base+variant``, e.g.
+``gpu-large+kv2-bias``: 2 kv heads and a bias, the kernels' GROUPED and HAS_BIAS
+variants, on both window paths). It prints per config:
 registers per thread and spill bytes (from ``ptxas -v`` on the PTX Triton
 produced, ptxas from the Triton wheel, same flags as Triton's), shared memory
 (Triton's metadata, checked against the family's per-block limit) and the
@@ -52,40 +58,64 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.autotuner import Heuristics
 
-from nuwa3dna.kernels.problems import WORKLOADS, Problem
+from nuwa3dna.kernels.problems import WINDOW_WORKLOADS, WORKLOADS, Problem
 from nuwa3dna.kernels.triton import configs, launch
 from nuwa3dna.kernels.triton.tables import SMEM_PER_BLOCK
+from nuwa3dna.kernels.windows import Options, bias_radius
 
 ARCHS = (80, 86, 89, 90, 100, 120)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNELS = ("fwd", "preprocess", "dkdv", "dq")
 REPORT_WORKLOADS = ("gpu-large", "nuwa-video")
-PROBLEMS = {**WORKLOADS,
+TABLE_WORKLOADS = ("cpu-mid-dilation", "nuwa-video-stride")
+TABLE_HEAD_DIMS = (64, 128, 256)
+PROBLEMS = {**WORKLOADS, **WINDOW_WORKLOADS,
             "long-axis": Problem(1, (1, 1, 65536), 8, 64, (0, 0, 32), causal=True, name="long-axis")}
+# Issue 14's kernel variants: kv heads (None: the query heads) and a bias (in q's dtype).
+# Global tokens are merged outside the kernels (nuwa3dna.merge): ``global64`` compiles the plain ones.
+VARIANTS = {"kv2": (2, False), "bias": (None, True), "kv2-bias": (2, True), "global64": (None, False)}
+# At head dim 64 on both window paths. Not yet in the default set: head dim 128, where 3 of 96
+# configs still spill 24-28 B (dK/dV bf16 on sm_120 and dQ fp32 on sm_86/89, at registers
+# capped by ptxas at 168 and 72; configs._bias_rows has no smaller tile there).
+VARIANT_PAIRS = (("gpu-large+kv2-bias", 64), ("nuwa-video+kv2-bias", 64), ("nuwa-video-stride+kv2-bias", 64))
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 DTYPE_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 
+def variant(workload: str):
+    """(problem, kv heads, bias shape or None) of a workload name, ``base`` or ``base+variant``."""
+    base, _, name = workload.partition("+")
+    p = PROBLEMS[base]
+    kv_heads, bias = VARIANTS[name] if name else (None, False)
+    shape = (p.heads, *(2 * bias_radius(e, None, p.border == "shift") + 1 for e in p.extent)) if bias else None
+    return p, kv_heads or p.heads, shape
+
+
 def launch_specs(workload: str, D: int, dtype: torch.dtype, arch: int) -> Dict[str, tuple]:
-    """The launches of a forward + backward of ``workload`` at head dim D on ``arch``."""
-    p = PROBLEMS[workload]
+    """The launches of a forward + backward of ``workload`` (``variant``) at head dim D on ``arch``."""
+    p, kv_heads, bias_shape = variant(workload)
     scale = D ** -0.5
     extent = p.resolved_extent
+    opts, causal = Options.of(p.causal, **p.options), p.causal is True
 
-    def t(grid, dt=dtype):
-        return torch.empty(p.B, *grid, p.heads, D, dtype=dt, device="meta")
+    def t(grid, dt=dtype, heads=p.heads):
+        return torch.empty(p.B, *grid, heads, D, dtype=dt, device="meta")
 
-    q, k, v, out, dout, dq = t(p.q_grid), t(p.kv), t(p.kv), t(p.q_grid), t(p.q_grid), t(p.q_grid)
-    dk, dv = t(p.kv), t(p.kv)
+    q, k, v, out, dout, dq = t(p.q_grid), t(p.kv, heads=kv_heads), t(p.kv, heads=kv_heads), t(p.q_grid), \
+        t(p.q_grid), t(p.q_grid)
+    dk, dv = t(p.kv, heads=kv_heads), t(p.kv, heads=kv_heads)
     lse = torch.empty(launch.stats_shape(q), dtype=torch.float32, device="meta")
     delta = torch.empty_like(lse)
+    bias = None if bias_shape is None else torch.empty(bias_shape, dtype=dtype, device="meta")
+    dbias = None if bias_shape is None else torch.empty(bias_shape, dtype=torch.float32, device="meta")
     specs = {
-        "fwd": launch.fwd_launch(q, k, v, out, lse, extent, p.causal, scale, arch),
+        "fwd": launch.fwd_launch(q, k, v, out, lse, extent, causal, scale, arch, opts, bias=bias),
         "preprocess": launch.preprocess_launch(q, out, dout, delta, arch),
-        "dq": launch.dq_launch(q, k, v, dout, lse, delta, dq, extent, p.causal, scale, arch),
+        "dq": launch.dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale, arch, opts, bias=bias,
+                               dbias=dbias),
     }
-    dkdv = launch.dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, p.causal, scale, arch)
+    dkdv = launch.dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale, arch, opts, bias=bias)
     if len(dkdv) == 1:
         specs["dkdv"] = dkdv[0]
     else:
@@ -177,8 +207,9 @@ def compile_spec(spec, arch: int) -> dict:
 def _rows(job) -> List[dict]:
     """Compile the launches of one (workload, D, dtype name, arch) for ``kernels``."""
     wl, D, dt_name, arch, kernels = job
-    p, dt = PROBLEMS[wl], DTYPE_BY_NAME[dt_name]
-    cfgs = configs.pick_configs(p.q_grid, p.kv, p.resolved_extent, D, dt, arch, p.causal)
+    (p, _, bias_shape), dt = variant(wl), DTYPE_BY_NAME[dt_name]
+    cfgs = configs.pick_configs(p.q_grid, p.kv, p.resolved_extent, D, dt, arch, p.causal is True,
+                                Options.of(p.causal, **p.options), bias=bias_shape is not None)
     rows = []
     for name, spec in launch_specs(wl, D, dt, arch).items():
         kind = name.split(":")[0]
@@ -189,12 +220,14 @@ def _rows(job) -> List[dict]:
                  if kind != "preprocess" else str(c.block_q))
         rows.append({"workload": wl, "kernel": name, "D": D, "dtype": dt_name, "arch": f"sm_{arch}",
                      "family": configs.arch_family(arch), "tiles": tiles,
-                     "wide_idx": bool(spec[3].get("WIDE_IDX", False)), **compile_spec(spec, arch)})
+                     "wide_idx": bool(spec[3].get("WIDE_IDX", False)), "tables": bool(spec[3].get("TABLES", False)),
+                     **compile_spec(spec, arch)})
     return rows
 
 
 def report(workloads=REPORT_WORKLOADS, head_dims=HEAD_DIMS, dtypes=DTYPES, archs=ARCHS, kernels=KERNELS,
-           extra=(("long-axis", 64),), jobs=1, log=None) -> List[dict]:
+           extra=(("long-axis", 64), *itertools.product(TABLE_WORKLOADS, TABLE_HEAD_DIMS), *VARIANT_PAIRS), jobs=1,
+           log=None) -> List[dict]:
     """Rows of every (workload, D) of workloads x head_dims plus ``extra``, x dtypes x archs."""
     pairs = [*itertools.product(workloads, head_dims), *extra]
     work = [(wl, D, DTYPE_NAMES[dt], arch, tuple(kernels))
@@ -225,18 +258,19 @@ def failures(rows) -> List[dict]:
 
 
 def _fmt(row) -> str:
-    return (f"{row['workload']:<11} {row['kernel']:<10} {row['D']:>4} {row['dtype']:<5} {row['arch']:<7} "
+    return (f"{row['workload']:<26} {row['kernel']:<10} {row['D']:>4} {row['dtype']:<5} {row['arch']:<7} "
             f"{row['tiles']:<13} {row['num_warps']:>2}/{row['num_stages']:<2} {row['regs']:>5} "
             f"{row['spills']:>6} {row['shared']:>7}/{row['smem_limit']:<7} {row['mma']:>8}")
 
 
-HEADER = (f"{'workload':<11} {'kernel':<10} {'D':>4} {'dtype':<5} {'arch':<7} {'q/k tiles':<13} "
+HEADER = (f"{'workload':<26} {'kernel':<10} {'D':>4} {'dtype':<5} {'arch':<7} {'q/k tiles':<13} "
           f"{'w/s':<5} {'regs':>5} {'spills':>6} {'smem/limit':>15} {'mma':>8}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="gpu-large at head dims 64 and 128, and long-axis")
+    ap.add_argument("--quick", action="store_true",
+                    help="gpu-large at head dims 64 and 128, long-axis, and the table path at 64")
     ap.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     ap.add_argument("--perf", action="store_true",
@@ -250,7 +284,8 @@ def main(argv=None):
             print(json.dumps(perf.perf_rows()))
             return 0
         return perf.main(sass=a.sass)
-    kw = dict(workloads=("gpu-large",), head_dims=(64, 128)) if a.quick else {}
+    kw = dict(workloads=("gpu-large",), head_dims=(64, 128),
+              extra=(("long-axis", 64), *((w, 64) for w in TABLE_WORKLOADS), VARIANT_PAIRS[0])) if a.quick else {}
     if a.json:
         rows = report(jobs=a.jobs, **kw)
         print(json.dumps(rows))
