@@ -10,8 +10,8 @@ on the GPU workloads of docs/design.md (``gpu-large``: non-causal, ``nuwa-video`
 causal), on ``long-axis`` (a 1 x 1 x 65536 causal grid, whose window
 arithmetic needs the kernels' int64 variant, WIDE_IDX), and on the table path
 of the v2 window options (TABLES: ``cpu-mid-dilation``, non-causal, and
-``nuwa-video-stride``, raster causal; ``problems.WINDOW_WORKLOADS``) at head
-dims 64, 128 and 256, and with the operator's grouped kv heads and relative position
+``nuwa-video-stride``, raster causal; ``problems.WINDOW_WORKLOADS``) at every
+head dim (that path has its own launch tables, ``tables.WINDOW_LAUNCH_TABLES``), and with the operator's grouped kv heads and relative position
 bias (docs/design.md section 8; ``VARIANTS``: workloads named ``base+variant``, e.g.
 ``gpu-large+kv2-bias``: 2 kv heads and a bias, the kernels' GROUPED and HAS_BIAS
 variants, on both window paths). It prints per config:
@@ -69,7 +69,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNELS = ("fwd", "preprocess", "dkdv", "dq")
 REPORT_WORKLOADS = ("gpu-large", "nuwa-video")
 TABLE_WORKLOADS = ("cpu-mid-dilation", "nuwa-video-stride")
-TABLE_HEAD_DIMS = (64, 128, 256)
+TABLE_HEAD_DIMS = HEAD_DIMS
 PROBLEMS = {**WORKLOADS, **WINDOW_WORKLOADS,
             "long-axis": Problem(1, (1, 1, 65536), 8, 64, (0, 0, 32), causal=True, name="long-axis")}
 # Issue 14's kernel variants: kv heads (None: the query heads) and a bias (in q's dtype).

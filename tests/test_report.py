@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from nuwa3dna.kernels.triton import configs
-from nuwa3dna.kernels.triton.tables import LAUNCH_TABLES, SMEM_PER_BLOCK
+from nuwa3dna.kernels.triton.tables import LAUNCH_TABLES, SMEM_PER_BLOCK, WINDOW_LAUNCH_TABLES
 from nuwa3dna.kernels.windows import Options
 
 TABLE_WORKLOADS = ("cpu-mid-dilation", "nuwa-video-stride")
@@ -102,9 +102,14 @@ def test_device_arch_maps_capability_to_family(capability, family, monkeypatch):
 
 
 def test_launch_tables_are_read_only():
+    """Both sets (plain path, and the table path of the v2 window options) are frozen and
+    complete: every family, dtype class, kernel and padded head dim."""
     with pytest.raises(TypeError):
         LAUNCH_TABLES[90]["16bit"]["fwd"][64] = (16, 16, 4, 1)
-    for family, table in LAUNCH_TABLES.items():
+    with pytest.raises(TypeError):
+        WINDOW_LAUNCH_TABLES[90]["16bit"]["fwd"][64] = (16, 16, 4, 1)
+    assert sorted(WINDOW_LAUNCH_TABLES) == sorted(LAUNCH_TABLES)
+    for family, table in [*LAUNCH_TABLES.items(), *WINDOW_LAUNCH_TABLES.items()]:
         for dtype_class in ("16bit", "fp32"):
             for kernel in MATMUL_KERNELS:
                 assert sorted(table[dtype_class][kernel]) == [16, 32, 64, 128, 256], (family, kernel)

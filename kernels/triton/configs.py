@@ -14,7 +14,7 @@ import torch
 
 from nuwa3dna.kernels.env import interpreter_enabled
 from nuwa3dna.kernels.triton import plan, relayout
-from nuwa3dna.kernels.triton.tables import LAUNCH_TABLES
+from nuwa3dna.kernels.triton.tables import LAUNCH_TABLES, WINDOW_LAUNCH_TABLES
 from nuwa3dna.kernels.windows import Options
 
 Tile = Tuple[int, int, int]
@@ -158,9 +158,10 @@ def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype,
     """
     q_grid, kv_grid, extent = tuple(q_grid), tuple(kv_grid), tuple(extent)
     block_d = block_d_for(D)
-    table = LAUNCH_TABLES[arch_family(arch)]["fp32" if dtype == torch.float32 else "16bit"]
-    out = {}
     causal, options = bool(causal), options or Options()
+    tables = LAUNCH_TABLES if options.plain else WINDOW_LAUNCH_TABLES     # the kernels' table path
+    table = tables[arch_family(arch)]["fp32" if dtype == torch.float32 else "16bit"]
+    out = {}
     for kind in ("fwd", "dq"):
         e = _bias_rows(table[kind][block_d], kind, block_d, dtype, arch) if bias else table[kind][block_d]
         q_tile, k_tile = plan_tiles(kind, q_grid, kv_grid, extent, causal, e.outer, e.inner, options)

@@ -1,6 +1,7 @@
 """Per-architecture launch tables of the 3DNA kernels, as read-only data.
 
-``LAUNCH_TABLES[family][dtype class][kernel][padded head dim]`` is an ``Entry``:
+``LAUNCH_TABLES[family][dtype class][kernel][padded head dim]`` is an ``Entry``
+(``WINDOW_LAUNCH_TABLES``, the same for the kernels' table path of the v2 window options):
 rows a program owns ("outer": queries; keys for dK/dV), rows of the tile it
 walks ("inner"), num_warps, num_stages and, for dK/dV, whether dK and dV are
 computed in two passes. ``configs.pick_configs`` turns an entry into tile
@@ -105,10 +106,43 @@ _T32_SM100 = _but(_T32_SM90, dq={64: (32, 16, 4, 2)})   # 32 x 32: 16 B spilled 
 _T16_SM120 = _but(_T16_SM86, dq={64: (64, 32, 4, 3)})
 _T32_SM120 = _but(_T32_SM86, fwd={16: (64, 16, 4, 2), 64: (64, 16, 8, 2)})   # 16: 8 B spilled at 64 x 32
 
+# The table path (v2 window options, ``relayout``): its forward and dQ loops also load
+# each key's query ranges and grid positions, and its dK/dV loop each query's grid
+# position, which with the plain entries cost 30-70 more registers than the plain path
+# and spilled in 36 of the 150 (family, dtype class, kernel, head dim) entries (the AOT
+# report on cpu-mid-dilation and nuwa-video-stride). There the first spill-free of, in
+# order: one stage fewer, one stage, half the walked rows, the other warp count, half the
+# owned rows replaces the entry (ptxas caps some of these kernels' registers below 255,
+# e.g. 168 at 4 warps on sm_86, so the winner is not always the smallest tile).
+_W16_SM80 = _but(_T16_SM80, fwd={16: (64, 64, 4, 1), 64: (64, 32, 4, 1)},
+                 dq={64: (64, 32, 4, 1), 128: (64, 32, 4, 1), 256: (64, 32, 8, 1)}, dkdv={256: (32, 16, 8, 1, True)})
+_W32_SM80 = _but(_T32_SM80, fwd={16: (64, 16, 4, 2), 32: (64, 32, 4, 1), 128: (32, 16, 8, 1)},
+                 dq={32: (64, 32, 4, 1), 128: (32, 16, 8, 1)})
+_W16_SM86 = _but(_T16_SM86, fwd={16: (64, 64, 4, 1)}, dq={16: (64, 64, 4, 1)})
+_W32_SM86 = _but(_T32_SM86, fwd={64: (64, 16, 8, 1)}, dq={32: (64, 32, 4, 1), 256: (16, 16, 8, 2)},
+                 dkdv={32: (64, 16, 8, 1), 128: (16, 16, 4, 1, True)})
+# sm_90 16-bit at head dim 256: 32 owned rows (mma.sync, not wgmma); 64 spilled at any stages and warps.
+_W16_SM90 = _but(_T16_SM90, fwd={256: (32, 16, 4, 1)}, dq={256: (32, 16, 4, 1)})
+_W32_SM90 = _but(_T32_SM90, dq={32: (64, 32, 4, 1)})
+_W16_SM100 = _but(_T16_SM100, fwd={256: (64, 16, 4, 1)}, dkdv={64: (64, 32, 4, 2)})
+_W32_SM100 = _but(_T32_SM100, fwd={128: (16, 16, 8, 1), 256: (16, 16, 8, 1)}, dq={32: (64, 32, 4, 1)})
+_W16_SM120 = _but(_T16_SM120, fwd={16: (64, 64, 4, 1), 64: (64, 32, 4, 1)}, dq={64: (64, 32, 4, 1)},
+                  dkdv={16: (64, 16, 8, 3), 64: (64, 32, 8, 2)})
+_W32_SM120 = _but(_T32_SM120, fwd={128: (16, 16, 8, 1)},
+                  dq={32: (64, 32, 4, 1), 128: (32, 16, 8, 1), 256: (16, 16, 8, 2)}, dkdv={32: (64, 16, 4, 1)})
+
 LAUNCH_TABLES: Mapping[int, Mapping[str, Mapping[str, Mapping[int, Entry]]]] = _freeze({
     80: {"16bit": _T16_SM80, "fp32": _T32_SM80},
     86: {"16bit": _T16_SM86, "fp32": _T32_SM86},
     90: {"16bit": _T16_SM90, "fp32": _T32_SM90},
     100: {"16bit": _T16_SM100, "fp32": _T32_SM100},
     120: {"16bit": _T16_SM120, "fp32": _T32_SM120},
+})
+# The same families for the table path (``configs.pick_configs`` with v2 window options).
+WINDOW_LAUNCH_TABLES: Mapping[int, Mapping[str, Mapping[str, Mapping[int, Entry]]]] = _freeze({
+    80: {"16bit": _W16_SM80, "fp32": _W32_SM80},
+    86: {"16bit": _W16_SM86, "fp32": _W32_SM86},
+    90: {"16bit": _W16_SM90, "fp32": _W32_SM90},
+    100: {"16bit": _W16_SM100, "fp32": _W32_SM100},
+    120: {"16bit": _W16_SM120, "fp32": _W32_SM120},
 })
