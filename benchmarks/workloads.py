@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from nuwa3dna.problems import WORKLOADS, Problem
+from typing import Optional
+
+from nuwa3dna.problems import WINDOW_WORKLOADS, WORKLOADS, Problem
 
 MODEL_WORKLOADS = {
     p.name: p for p in [
@@ -34,13 +36,27 @@ MODEL_WORKLOADS = {
 
 ALL_WORKLOADS = {**WORKLOADS, **MODEL_WORKLOADS}
 
-# Operator v2 beyond the window (issue 14), each timed against its plain workload
-# interleaved in one process (benchmarks/test_bench_attention.py, ``test_variant``):
-# name -> (workload, kv heads (None: as many as q), relative position bias).
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """An operator-v2 case timed against a plain workload, interleaved in one process
+    (benchmarks/test_bench_attention.py, ``test_variant``): ``problem`` (a workload, with
+    its window options) with ``kv_heads`` (None: as many as q), a relative position bias
+    and ``global_tokens`` extra keys, against ``plain`` with none of them."""
+    plain: str
+    problem: str
+    kv_heads: Optional[int] = None
+    bias: bool = False
+    global_tokens: int = 0
+
+
 VARIANTS = {
-    "cpu-mid-kv2": ("cpu-mid", 2, False),       # GQA: 2 kv heads for 8 query heads
-    "cpu-mid-bias": ("cpu-mid", None, True),    # bias (8, 3, 7, 7)
+    "cpu-mid-kv2": Variant("cpu-mid", "cpu-mid", kv_heads=2),         # GQA: 2 kv heads for 8 query heads
+    "cpu-mid-bias": Variant("cpu-mid", "cpu-mid", bias=True),          # bias (8, 3, 7, 7)
+    "cpu-mid-g64": Variant("cpu-mid", "cpu-mid", global_tokens=64),    # 64 global tokens
+    # window options (issue 13): compared per visible pair (``vs_plain_per_pair``)
+    **{n: Variant("cpu-mid", n) for n in ("cpu-mid-dilation", "cpu-mid-stride", "cpu-mid-frame-causal")},
 }
+VARIANT_PROBLEMS = {**ALL_WORKLOADS, **WINDOW_WORKLOADS}
 
 
 def problem_to_json(p: Problem) -> dict:
