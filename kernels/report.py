@@ -11,7 +11,8 @@ causal), on ``long-axis`` (a 1 x 1 x 65536 causal grid, whose window
 arithmetic needs the kernels' int64 variant, WIDE_IDX), and on the table path
 of the v2 window options (TABLES: ``cpu-mid-dilation``, non-causal, and
 ``nuwa-video-stride``, raster causal; ``problems.WINDOW_WORKLOADS``) at every
-head dim (that path has its own launch tables, ``tables.WINDOW_LAUNCH_TABLES``), and with the operator's grouped kv heads and relative position
+head dim (that path has its own launch tables, ``tables.WINDOW_LAUNCH_TABLES``),
+and with the operator's grouped kv heads and relative position
 bias (docs/design.md section 8; ``VARIANTS``: workloads named ``base+variant``, e.g.
 ``gpu-large+kv2-bias``: 2 kv heads and a bias, the kernels' GROUPED and HAS_BIAS
 variants, on both window paths). It prints per config:
