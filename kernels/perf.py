@@ -92,19 +92,19 @@ class _TorchCost:
 
 
 def global_part_cost(p: Problem, kv_heads: int, n_global: int, dtype=torch.bfloat16):
-    """(bytes, FLOPs) of the global tokens' part, forward and backward separately: nuwa3dna.merge's
-    ``global_attention`` and ``merge_attentions`` as ``nearby_attention`` runs them after the
+    """(bytes, FLOPs) of the global tokens' part, forward and backward separately: nuwa3dna.kernels.merge's
+    ``global_attention`` and ``merge`` as ``nearby_attention`` runs them after the
     kernels (PyTorch ops, float32 scores), replayed on meta tensors."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from nuwa3dna.merge import global_attention, merge_attentions
+    from nuwa3dna.kernels.merge import global_attention, merge
     meta = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta", requires_grad=True)
     q, out_w = meta(p.B, *p.q_grid, p.heads, p.D), meta(p.B, *p.q_grid, p.heads, p.D)
     lse_w = meta(p.B, *p.q_grid, p.heads, dt=torch.float32)
     ak, av = meta(p.B, n_global, kv_heads, p.D), meta(p.B, n_global, kv_heads, p.D)
     cost = _TorchCost()
     with cost.mode, FlopCounterMode(display=False) as flops:
-        out, lse = merge_attentions([(out_w, lse_w), global_attention(q, ak, av, p.D ** -0.5)])
+        out, lse = merge([(out_w, lse_w), global_attention(q, ak, av, p.D ** -0.5)])
         fwd = (cost.bytes, flops.get_total_flops())
     grads = (torch.empty(out.shape, dtype=out.dtype, device="meta"), torch.empty(lse.shape, device="meta"))
     with cost.mode, FlopCounterMode(display=False) as flops:
