@@ -10,6 +10,22 @@ kernels' table path, counted on its window tables):
 * ``visible``: pairs the 3DNA mask lets through; ``useful %`` = visible / computed;
 * ``MB``: bytes moved once from HBM (every input read once, every output written
   once, float32 statistics included; K/V re-reads across tiles assumed to hit L2);
+* ``L2 MB``: bytes the kernels' tile loads and stores request from L2 (``kernel_l2_bytes``),
+  on the launchers' exact tile plan (``triton.plan``: loop iterations per program, causal
+  skips included, the table path on its window tables): per program, loop iterations x
+  the walked tile's rows x the bytes a row loads (fwd, dQ: a K and a V row of D elements;
+  dK/dV: a Q and a dO row, the float32 lse, and delta in the dK pass), plus the program's
+  own tiles once (fwd: Q in, O and lse out; dQ: Q, dO, lse, delta in, dQ out; dK/dV: K, V
+  in, dK, dV out; split dK and dV passes each their own), plus the backward's preprocess
+  (O, dO in, delta out), a bias's dQ atomic adds (4 B per visible pair) and the global
+  tokens' PyTorch bytes (as in ``MB``). Tile rows include padding, as ``computed`` does:
+  masked rows (off the grid; in dK/dV's walk, past its query range) issue no request, so
+  this is an upper bound by the tiles' overhang. The walks run per (batch, query head)
+  (forward and dQ programs, and dK/dV programs looping over their kv head's group): with
+  grouped kv heads every query head's program loads its kv head's K/V rows; dK/dV's own
+  K, V, dK, dV are per kv head. Not counted: the table path's int32 table lookups and a
+  bias's gathers (small, L1-resident tables). ``L2 MB`` >= ``MB``: the re-reads across
+  tiles (K/V; dK/dV: Q/dO) are what the HBM column assumes hit L2;
 * ``roofline us`` = max(MB / bandwidth, useful FLOPs / peak), useful FLOPs as
   SPEC.md section 3 (4 D per visible pair forward, 2.5x that backward);
 * ``predicted us`` = max(MB / bandwidth, MMA FLOPs / peak): the tensor-core work
@@ -20,6 +36,16 @@ kernels' table path, counted on its window tables):
 
 Peaks (dense bf16, per the vendors' data sheets): H100 SXM 3.35 TB/s, 989
 TFLOP/s; A100 SXM 2.04 TB/s, 312 TFLOP/s.
+
+Compiled columns (``report --perf --compile``; ``--sass`` implies it), per kernel of the
+row (fwd; bwd: dQ and dK/dV, or its dK and dV passes; the preprocess only in ``--json``
+with ``--compile``):
+``regs/spills/smem/CTAs``, i.e. registers per thread and spill bytes (``ptxas -v``),
+shared memory in KiB (Triton's metadata), all from kernels/report.py's ``compile_spec``
+on ``launch_specs`` (the launchers' own configs, bf16, the workload's head dim), and the
+resident CTAs per SM (``occupancy.ctas_per_sm``: the least of the register, shared memory,
+warp and block limits of the architecture) with a letter for the limit that binds:
+r registers, s shared memory, w warps, b blocks. E.g. ``fwd:168/0/24K/3r``.
 
 Issue 14's rows (``EXTRA_VARIANTS``, named ``cpu-mid+kv2`` etc.): grouped kv heads change
 only the bytes (k, v, dk, dv at Hk heads; the same pairs and MMAs); a bias adds, to the
@@ -40,7 +66,8 @@ import torch
 
 from nuwa3dna.kernels.problems import WINDOW_WORKLOADS, WORKLOADS, Problem
 from nuwa3dna.kernels.triton import configs, relayout
-from nuwa3dna.kernels.triton.plan import computed_pairs
+from nuwa3dna.kernels.triton.configs import LaunchConfig
+from nuwa3dna.kernels.triton.plan import computed_pairs, key_tile_iterations, query_tile_iterations
 from nuwa3dna.kernels.windows import Options
 
 PERF_WORKLOADS = {**WORKLOADS, **WINDOW_WORKLOADS}
@@ -53,6 +80,35 @@ PASSES = ("fwd", "bwd")
 def _mma_flops_per_pair(kind: str, D: int, split: int) -> int:
     """Tensor-core FLOPs per computed pair; ``split`` = 2 where P/dS enter as bf16 hi + lo."""
     return {"fwd": 2 * D * (1 + split), "dq": 2 * D * (2 + split), "dkdv": 2 * D * (2 + 2 * split)}[kind]
+
+
+def _n_tiles(grid, tile) -> int:
+    return math.prod(-(-g // b) for g, b in zip(grid, tile))
+
+
+def kernel_l2_bytes(kind: str, p: Problem, cfg: LaunchConfig, dtype=torch.bfloat16, kv_heads=None,
+                    tables=None) -> int:
+    """Bytes kernel ``kind`` ("fwd", "dq", "dkdv" or "preprocess") of ``p`` requests from L2
+    with launch config ``cfg`` (``configs.pick_configs``), over every (batch, head): tile rows
+    x bytes per row, padding rows included (module docstring, ``L2 MB``). ``kv_heads``: grouped
+    kv heads (None: p.heads); ``tables``: the table path's window tables (v2 options)."""
+    row = p.D * (torch.finfo(dtype).bits // 8)          # one token's q, k, v, o, do, dq, dk or dv
+    hq, hk = p.B * p.heads, p.B * (kv_heads or p.heads)
+    if kind == "preprocess":                            # O, dO in; delta out (raster blocks of rows)
+        return hq * _n_tiles((math.prod(p.q_grid),), (cfg.block_q,)) * cfg.block_q * (2 * row + 4)
+    args = (p.q_grid, p.kv, p.resolved_extent, p.causal is True, cfg.q_tile, cfg.k_tile, tables)
+    if kind in ("fwd", "dq"):                           # one program per query tile and query head
+        walked = query_tile_iterations(*args) * cfg.block_k * 2 * row          # K, V rows
+        own = (2 * row + 4) if kind == "fwd" else (3 * row + 8)   # fwd: Q, O, lse; dQ: Q, dO, dQ, lse, delta
+        return hq * (walked + _n_tiles(p.q_grid, cfg.q_tile) * cfg.block_q * own)
+    # dK/dV: one program per key tile and kv head, walking the query tiles of its group's heads.
+    walk_rows = hq * key_tile_iterations(*args) * cfg.block_q
+    own_rows = hk * _n_tiles(p.kv, cfg.k_tile) * cfg.block_k
+    total = 0
+    for dk, dv in ((True, False), (False, True)) if cfg.split_dkdv else ((True, True),):  # launch.dkdv_launches
+        total += walk_rows * (2 * row + 4 + 4 * dk)                 # Q, dO, lse; delta where dK
+        total += own_rows * row * (1 + dk + dk + dv)                # K; V and dK where dK; dV where dV
+    return total
 
 
 # ----------------------------------------------------------------------------- issue 14 variants
@@ -138,6 +194,8 @@ def workload_rows(p: Problem, arch: int = 90, dtype=torch.bfloat16, kv_heads=Non
             nbytes = (nq + 2 * nk) * D * es + nq * D * es + nq * 4
         else:               # read q, k, v, out, dout, lse; delta round trip; write dq, dk, dv
             nbytes = (3 * nq + 2 * nk) * D * es + nq * 4 * 3 + (nq + 2 * nk) * D * es
+        l2 = sum(kernel_l2_bytes(k, p, cfgs[k], dtype, kv_heads, tables)
+                 for k in (kinds if pas == "fwd" else ("preprocess", *kinds)))
         useful = p.flops(backward=pas == "bwd") - (p.flops() if pas == "bwd" else 0)
         mem_us = nbytes / bw * 1e6
         predicted = max(mem_us, mma / peak * 1e6)
@@ -145,10 +203,11 @@ def workload_rows(p: Problem, arch: int = 90, dtype=torch.bfloat16, kv_heads=Non
         extra_us = 0.0
         if bias and pas == "bwd":       # dQ's atomic adds of dS: one per visible pair
             extra_us += visible / ATOMICS_PER_S[arch] * 1e6
+            l2 += 4 * visible
         if glob:                        # the global tokens' PyTorch part, after the kernels
             g_bytes, g_flops = glob[pas]
             g_pairs = bh * math.prod(p.q_grid) * n_global * len(kinds)
-            seen, done, nbytes = seen + g_pairs, done + g_pairs, nbytes + g_bytes
+            seen, done, nbytes, l2 = seen + g_pairs, done + g_pairs, nbytes + g_bytes, l2 + g_bytes
             useful += 4.0 * D * bh * math.prod(p.q_grid) * n_global * (2.5 if pas == "bwd" else 1.0)
             extra_us += g_bytes / bw * 1e6 + g_flops / FP32_PEAKS[arch] * 1e6
             mem_us = nbytes / bw * 1e6
@@ -156,7 +215,7 @@ def workload_rows(p: Problem, arch: int = 90, dtype=torch.bfloat16, kv_heads=Non
             workload=name or p.name, pass_=pas, arch=f"sm_{arch}", part=part,
             tiles=" ".join(f"{k}:{'x'.join(map(str, cfgs[k].q_tile))}/{'x'.join(map(str, cfgs[k].k_tile))}"
                            for k in kinds),
-            computed=done, visible=seen, useful=seen / done, mb=nbytes / 1e6,
+            computed=done, visible=seen, useful=seen / done, mb=nbytes / 1e6, l2_mb=l2 / 1e6,
             roofline_us=max(mem_us, useful / peak * 1e6), predicted_us=predicted + extra_us))
     return rows
 
@@ -173,13 +232,48 @@ def perf_rows(workloads=tuple(PERF_WORKLOADS) + tuple(EXTRA_VARIANTS), archs=(90
 
 
 HEADER = (f"{'workload':<21}{'pass':<5}{'arch':<7}{'tiles':<40}{'computed':>13}{'visible':>13}"
-          f"{'useful %':>9}{'MB':>8}{'predicted us':>13}{'roofline us':>12}")
+          f"{'useful %':>9}{'MB':>8}{'L2 MB':>9}{'predicted us':>13}{'roofline us':>12}")
+USAGE_HEADER = f"  {'kernel:regs/spills/smem/CTAs per SM':<36}"
 
 
 def fmt(r: Dict) -> str:
     return (f"{r['workload']:<21}{r['pass_']:<5}{r['arch']:<7}{r['tiles']:<40}{r['computed']:>13,}"
-            f"{r['visible']:>13,}{100 * r['useful']:>8.1f}%{r['mb']:>8.1f}{r['predicted_us']:>13.1f}"
-            f"{r['roofline_us']:>12.1f}")
+            f"{r['visible']:>13,}{100 * r['useful']:>8.1f}%{r['mb']:>8.1f}{r['l2_mb']:>9.1f}"
+            f"{r['predicted_us']:>13.1f}{r['roofline_us']:>12.1f}")
+
+
+# ----------------------------------------------------------------------------- compiled columns
+
+
+SHOWN = {"fwd": ("fwd",), "bwd": ("dq", "dkdv", "dkdv:dk", "dkdv:dv")}   # the printed kernels of a pass
+
+
+def kernel_usage(workload: str, pas: str, arch: int, dtype=torch.bfloat16, D=None) -> Dict[str, Dict]:
+    """Per kernel of pass ``pas`` ("fwd"; "bwd": preprocess, dQ, dK/dV or its two passes) of
+    ``workload`` (``base+variant`` as kernels/report.py names it) on ``arch``: registers,
+    spills, shared memory and warps of the compiled kernel (kernels/report.py ``compile_spec``
+    on ``launch_specs``, cached by Triton and the report) and its resident CTAs per SM and
+    their limiting resource (``occupancy.ctas_per_sm``)."""
+    from nuwa3dna.kernels import report
+    from nuwa3dna.kernels.occupancy import ctas_per_sm
+
+    D = D or PERF_WORKLOADS[workload.split("+")[0]].D
+    out = {}
+    for name, spec in report.launch_specs(workload, D, dtype, arch).items():
+        if (name == "fwd") != (pas == "fwd"):
+            continue
+        c = report.compile_spec(spec, arch)
+        ctas, limit = ctas_per_sm(arch, c["regs"], c["num_warps"], c["shared"])
+        out[name] = dict(regs=c["regs"], spills=c["spills"], shared=c["shared"], num_warps=c["num_warps"],
+                         ctas=ctas, limit=limit)
+    return out
+
+
+def fmt_usage(usage: Dict[str, Dict], pas: str) -> str:
+    """``kernel:regs/spills/smem/CTAs`` of the shown kernels, e.g. ``dq:168/0/32K/3r``."""
+    return "  " + " ".join(
+        f"{name.split(':')[-1]}:{u['regs']}/{u['spills']}/{-(-u['shared'] // 1024)}K/{u['ctas']}{u['limit'][0]}"
+        for name, u in usage.items() if name in SHOWN[pas])
 
 
 def predicted_ms(p: Problem, kind: str, arch: int = 90) -> float:
@@ -234,13 +328,25 @@ def sass_loop(workload: str, kind: str = "fwd", D: int = 64, dtype=torch.bfloat1
     return dict(instructions=n, mma=mma, per_mma=n / mma if mma else float("nan"))
 
 
-def main(sass: bool = False) -> int:
-    print(HEADER + (f"{'instr/mma':>11}" if sass else ""))
+def with_usage(rows: List[Dict]) -> List[Dict]:
+    """``rows`` with each row's ``kernel_usage`` under "kernels" (compiles; ``--compile``)."""
+    return [dict(r, kernels=kernel_usage(r["workload"], r["pass_"], int(r["arch"][3:]))) for r in rows]
+
+
+def main(sass: bool = False, compile: bool = False) -> int:
+    """Print the table; ``sass``: the forward loop's instructions per MMA (compiles; implies
+    ``compile``); ``compile``: the compiled kernels' registers, spills, shared memory, CTAs/SM."""
+    compile = compile or sass
+    print(HEADER + (f"{'instr/mma':>11}" if sass else "") + (USAGE_HEADER if compile else ""))
     for r in perf_rows():
         extra = ""
-        if sass and r["pass_"] == "fwd":
-            base = r["workload"].split("+")[0]
-            s = sass_loop(r["workload"], "fwd", PERF_WORKLOADS[base].D, torch.bfloat16, int(r["arch"][3:]))
-            extra = f"{s['per_mma']:>11.1f}"
+        if sass:
+            extra = f"{'':>11}"
+            if r["pass_"] == "fwd":
+                base = r["workload"].split("+")[0]
+                s = sass_loop(r["workload"], "fwd", PERF_WORKLOADS[base].D, torch.bfloat16, int(r["arch"][3:]))
+                extra = f"{s['per_mma']:>11.1f}"
+        if compile:
+            extra += fmt_usage(kernel_usage(r["workload"], r["pass_"], int(r["arch"][3:])), r["pass_"])
         print(fmt(r) + extra, flush=True)
     return 0

@@ -277,14 +277,19 @@ def main(argv=None):
     ap.add_argument("--perf", action="store_true",
                     help="the static performance model (kernels/perf.py) instead of compiling")
     ap.add_argument("--sass", action="store_true",
-                    help="with --perf: compile each forward and count SASS instructions per MMA in its loop")
+                    help="with --perf: compile each forward and count SASS instructions per MMA in its loop "
+                         "(implies --compile)")
+    ap.add_argument("--compile", action="store_true",
+                    help="with --perf: compile each row's kernels and add their registers, spills, shared "
+                         "memory and CTAs per SM (kernels/perf.py)")
     a = ap.parse_args(argv)
     if a.perf:
         from nuwa3dna.kernels import perf
         if a.json:
-            print(json.dumps(perf.perf_rows()))
+            rows = perf.perf_rows()
+            print(json.dumps(perf.with_usage(rows) if a.compile or a.sass else rows))
             return 0
-        return perf.main(sass=a.sass)
+        return perf.main(sass=a.sass, compile=a.compile)
     kw = dict(workloads=("gpu-large",), head_dims=(64, 128),
               extra=(("long-axis", 64), *((w, 64) for w in TABLE_WORKLOADS), VARIANT_PAIRS[0])) if a.quick else {}
     if a.json:
