@@ -53,6 +53,9 @@ CASES = [  # (problem, dtype, small tiles)
     (BY_ID["B1-T2H6W5-kvT3H9W11-h2-d8-e0xax1"], torch.float32, False),
     (BY_ID["B2-T1H11W13-h2-d40-e0x3x3-causal"], torch.float32, True),
     (Problem(1, (2, 3, 4), 1, 200, (1, 1, 2), causal=True), torch.float32, False),
+    # Key tiles slid back inside the grid and loaded unmasked (KEYS_INSIDE) in the forward and dQ.
+    (Problem(2, (2, 9, 11), 1, 24, (1, 1, 1), causal=True), torch.float32, True),
+    (Problem(1, (3, 7, 9), 1, 16, (1, 1, 1), kv_grid=(2, 10, 12)), torch.bfloat16, True),
 ]
 WINDOW_CASES = [  # (problem, dtype, small tiles): the table path
     (WINDOW_PROBLEMS[9], torch.float32, False),       # cross (finer kv), None extent, shift, dilation, stride

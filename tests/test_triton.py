@@ -227,6 +227,33 @@ def test_small_tiles(p, gen, small_tiles):
     _check(p, torch.float32, gen)
 
 
+# Grids larger than the (forced small) tiles' key spans: the forward and dQ walk key tiles that
+# all lie inside the grid (slid back at its far edges) and load them unmasked (KEYS_INSIDE).
+INSIDE = [Problem(2, (2, 9, 11), 2, 24, (1, 1, 1)), Problem(2, (2, 9, 11), 2, 24, (1, 1, 1), causal=True),
+          Problem(1, (3, 7, 9), 2, 16, (1, 1, 1), kv_grid=(2, 10, 12))]
+
+
+@pytest.mark.parametrize("p,dtype", [(p, dt) for p in INSIDE for dt in (torch.float32, torch.bfloat16)],
+                         ids=[f"{p.id}-{NAMES[dt]}" for p in INSIDE for dt in (torch.float32, torch.bfloat16)])
+def test_keys_inside(p, dtype, gen, small_tiles, monkeypatch):
+    """Unmasked key loads (KEYS_INSIDE, plan.keys_inside): chosen at launch for these grids,
+    and forward and gradients still match dense."""
+    from nuwa3dna.kernels.triton import launch
+
+    small_tiles()
+    unmasked, run = [], launch._run
+
+    def record(spec):
+        kernel, _, args, meta = spec
+        rule = getattr(kernel, "values", {}).get("KEYS_INSIDE")
+        if rule is not None and rule({**dict(zip(kernel.arg_names, args)), **meta}):
+            unmasked.append(kernel.fn.__name__)
+        run(spec)
+    monkeypatch.setattr(launch, "_run", record)
+    _check(p, dtype, gen)
+    assert unmasked == ["fwd_kernel", "bwd_dq_kernel"], unmasked
+
+
 @pytest.mark.parametrize("p,dtype", [(BY_ID["B2-T3H5W7-h2-d24-e1x2x2-causal"], torch.float32),
                                      (D200, torch.bfloat16)], ids=["causal-fp32", "d200-bf16"])
 def test_sm80_launch_table(p, dtype, gen, monkeypatch):

@@ -75,7 +75,8 @@ def test_launches_on_the_inputs_device(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", FakeDevice)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(launch, "_run", lambda spec: seen.append((spec[0].__name__, current[0])))
+    name = lambda kernel: getattr(kernel, "fn", kernel).__name__     # noqa: E731  (through triton.heuristics)
+    monkeypatch.setattr(launch, "_run", lambda spec: seen.append((name(spec[0]), current[0])))
     p = BY_ID["B2-T3H5W7-h2-d24-e1x2x2-causal"]
     with FakeTensorMode(allow_non_fake_inputs=True):
         q, k, v = (torch.empty(p.B, *p.q_grid, p.heads, p.D, device="cuda:1") for _ in range(3))
@@ -170,7 +171,7 @@ def _replay(kind, q_grid, kv_grid, extent, causal, q_tile, k_tile):
     (iterations, set of computed (query, key) raster pairs of on-grid rows)."""
     (T, H, W), (T2, H2, W2), (ET, EH, EW) = q_grid, kv_grid, extent
     cdiv, c_ = (lambda a, b: -(-a // b)), (lambda i, n, m: i * m // n)
-    iters, pairs = 0, set()
+    iters, pairs, inside = 0, set(), True
     if kind != "dkdv":
         (BT, BH, BW), (_, KH, KW) = q_tile, k_tile
         for t0, h0, w0 in itertools.product(range(0, T, BT), range(0, H, BH), range(0, W, BW)):
@@ -179,6 +180,8 @@ def _replay(kind, q_grid, kv_grid, extent, causal, q_tile, k_tile):
             b_lo, b_hi = max(c_(h0, H, H2) - EH, 0), min(c_(hl, H, H2) + EH + 1, H2)
             c_lo, c_hi = max(c_(w0, W, W2) - EW, 0), min(c_(wl, W, W2) + EW + 1, W2)
             n_b, n_c = cdiv(b_hi - b_lo, KH), cdiv(c_hi - c_lo, KW)
+            # The walked tiles slide back inside the grid where they fit.
+            b_lo, c_lo = max(min(b_lo, H2 - n_b * KH), 0), max(min(c_lo, W2 - n_c * KW), 0)
             n_iter = (a_hi - a_lo) * n_b * n_c
             if causal:
                 rows = (hl - b_lo) // KH + 1
@@ -187,12 +190,13 @@ def _replay(kind, q_grid, kv_grid, extent, causal, q_tile, k_tile):
             for it in range(n_iter):
                 a, bb, c = a_lo + it // (n_b * n_c), b_lo + ((it // n_c) % n_b) * KH, c_lo + (it % n_c) * KW
                 iters += 1
+                inside &= bb + KH <= H2 and c + KW <= W2
                 qs = [(t * H + h) * W + w for t, h, w in itertools.product(
                     range(t0, min(t0 + BT, T)), range(h0, min(h0 + BH, H)), range(w0, min(w0 + BW, W)))]
                 ks = [(a * H2 + h) * W2 + w for h, w in itertools.product(
                     range(bb, min(bb + KH, H2)), range(c, min(c + KW, W2)))]
                 pairs.update(itertools.product(qs, ks))
-        return iters, pairs
+        return iters, pairs, inside
     (_, BH, BW), (KT, KH, KW) = q_tile, k_tile
     for a0, b0, c0 in itertools.product(range(0, T2, KT), range(0, H2, KH), range(0, W2, KW)):
         t_lo, t_hi = geometry.query_range(a0, min(a0 + KT, T2), T, T2, ET)
@@ -212,7 +216,7 @@ def _replay(kind, q_grid, kv_grid, extent, causal, q_tile, k_tile):
             ks = [(a * H2 + y) * W2 + x for a, y, x in itertools.product(
                 range(a0, min(a0 + KT, T2)), range(b0, min(b0 + KH, H2)), range(c0, min(c0 + KW, W2)))]
             pairs.update(itertools.product(qs, ks))
-    return iters, pairs
+    return iters, pairs, None
 
 
 PLAN_TILES = {"fwd": [((2, 2, 4), (1, 2, 8)), ((1, 4, 4), (1, 4, 4)), ((4, 1, 4), (1, 1, 16))],
@@ -222,15 +226,21 @@ PLAN_TILES = {"fwd": [((2, 2, 4), (1, 2, 8)), ((1, 4, 4), (1, 4, 4)), ((4, 1, 4)
 @pytest.mark.parametrize("p", TEST_PROBLEMS, ids=lambda p: p.id)
 def test_planner_count_equals_replay(p):
     """plan.computed_pairs (per-axis sums) equals the literal replay of the loops, and the
-    replayed tiles cover every visible pair (the dense mask's), for forward/dQ and dK/dV."""
-    from nuwa3dna.kernels.triton.plan import computed_pairs
+    replayed tiles cover every visible pair (the dense mask's), for forward/dQ and dK/dV;
+    plan.keys_inside (the kernels' unmasked key loads) says True exactly when every
+    replayed forward key tile lies inside the grid."""
+    from nuwa3dna.kernels.triton.plan import computed_pairs, keys_inside
     from nuwa3dna.reference import nearby_mask
 
     ext = p.resolved_extent
     visible = set(map(tuple, nearby_mask(p.q_grid, p.kv, p.extent, p.causal).nonzero().tolist()))
     for kind, tiles in PLAN_TILES.items():
         for q_tile, k_tile in tiles:
-            iters, pairs = _replay(kind, p.q_grid, p.kv, ext, p.causal, q_tile, k_tile)
+            iters, pairs, inside = _replay(kind, p.q_grid, p.kv, ext, p.causal, q_tile, k_tile)
+            if kind == "fwd" and not p.causal:      # causal walks a prefix: inside may hold there only
+                assert keys_inside(p.q_grid, p.kv, ext, q_tile, k_tile) == inside, (q_tile, k_tile)
+            elif kind == "fwd":
+                assert inside or not keys_inside(p.q_grid, p.kv, ext, q_tile, k_tile), (q_tile, k_tile)
             block = math.prod(q_tile[1:] if kind == "dkdv" else q_tile) * math.prod(
                 k_tile if kind == "dkdv" else k_tile[1:])
             assert computed_pairs(kind, p.q_grid, p.kv, ext, p.causal, q_tile, k_tile) == iters * block

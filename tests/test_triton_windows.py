@@ -231,7 +231,7 @@ def test_plain_tables_count_as_the_closed_form(p):
 
 
 def _replay(kind, p, tables, q_tile, k_tile):
-    """The table path's loops transcribed literally (jit.query_walk / bwd_dkdv_kernel in re-laid
+    """The table path's loops transcribed literally (walk.query_walk / bwd_dkdv_kernel in re-laid
     coordinates): (iterations, set of computed (query, key) grid raster pairs of on-grid rows)."""
     (T, H, W), (T2, H2, W2) = p.q_grid, p.kv
     tt, th, tw = tables

@@ -4,7 +4,7 @@
 per 3D key tile that walks the query tiles whose windows reach it (the
 inverse of the rescaled centre map, as ``geometry.query_range``, or with
 TABLES the window tables' q0, q1; causal skips a head of that walk); dQ walks
-the forward's key box (``jit.query_walk``).
+the forward's key box (``walk.query_walk``).
 Every output element is written by exactly one program: deterministic, no atomics,
 except the relative position bias's gradient (``bwd_dq_kernel``: atomic adds).
 """
@@ -14,8 +14,10 @@ import triton
 import triton.language as tl
 
 from nuwa3dna.kernels.triton.jit import (
-    C_LOG2E, RUNTIME_SIZES, axis_tables, dot, dot_acc, grid_rows, key_mask, key_tile, load_rows, program_tile,
-    query_range, query_walk, store_rows, tile_coords, tile_mask, to_store, token_offsets)
+    C_LOG2E, RUNTIME_SIZES, axis_tables, dot, dot_acc, load_rows, program_tile, query_range, store_rows, tile_coords,
+    tile_mask, to_store, token_offsets)
+from nuwa3dna.kernels.triton.walk import grid_rows, key_mask, key_tile, keys_inside_rule, next_tile, query_walk, \
+    tile_origin, walk_steps
 from nuwa3dna.kernels.triton.extras import (
     EXTRA_SIZES, bias_cols, bias_tile, key_bias_cols, kv_head, query_bias_rows)
 
@@ -268,6 +270,7 @@ def bwd_dkdv_kernel(
                    offs_d, sdv_d, D, to_store(dv, DV.dtype.element_ty, UPCAST_DOT), EVEN_D)
 
 
+@triton.heuristics({"KEYS_INSIDE": keys_inside_rule})
 @triton.jit(do_not_specialize=RUNTIME_SIZES + EXTRA_SIZES)
 def bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, TAB, BIAS, DBIAS,
@@ -280,6 +283,7 @@ def bwd_dq_kernel(
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
     WIDE_IDX: tl.constexpr, TABLES: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    KEYS_INSIDE: tl.constexpr,
 ):
     """dQ of one 3D query tile: walks the same key box and 1 x KH x KW key tiles as the forward
     (TABLES and TAB, GROUPED and group, HAS_BIAS and BIAS as there).
@@ -301,7 +305,7 @@ def bwd_dq_kernel(
     Grid: (B * heads * cdiv(T, BT) * cdiv(H, BH) * cdiv(W, BW),).
     """
     BLOCK_Q: tl.constexpr = BT * BH * BW
-    bh, b, hd, qt, qh, qw, q_ok, rq, walk, n_iter = query_walk(
+    bh, b, hd, qt, qh, qw, q_ok, rq, walk, n_iter, (a, bb, c) = query_walk(
         tl.program_id(0), T, H, W, T2, H2, W2, ET, EH, EW, n_heads, TAB, BT, BH, BW, KH, KW, CAUSAL, WIDE_IDX,
         TABLES)
     offs_d = tl.arange(0, BLOCK_D)
@@ -316,6 +320,9 @@ def bwd_dq_kernel(
     hk = kv_head(hd, group, GROUPED)
     K += b * sk_b + hk * sk_n
     V += b * sv_b + hk * sv_n
+    ko, vo = tile_origin(a, bb, c, sk_t, sk_h, sk_w), tile_origin(a, bb, c, sv_t, sv_h, sv_w)
+    k_steps = walk_steps(walk, sk_t, sk_h, sk_w, KH, KW, TABLES)
+    v_steps = walk_steps(walk, sv_t, sv_h, sv_w, KH, KW, TABLES)
     if HAS_BIAS:
         n_bias = (2 * RT + 1) * (2 * RH + 1) * (2 * RW + 1)
         BIAS += hd * n_bias
@@ -325,9 +332,9 @@ def bwd_dq_kernel(
         b_cols = key_bias_cols(KH, KW, RH, RW)                          # [BLOCK_K]
 
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)                       # [BLOCK_Q, BLOCK_D]
-    for it in range(0, n_iter):
-        a, bb, c, k, v = key_tile(it, walk, K, V, (sk_t, sk_h, sk_w, sk_d), (sv_t, sv_h, sv_w, sv_d),
-                                  offs_d, D, H2, W2, KH, KW, EVEN_D, TABLES)  # [BLOCK_K, BLOCK_D] each
+    for _ in range(0, n_iter):
+        k, v = key_tile(a, bb, c, ko, vo, walk, K, V, (sk_t, sk_h, sk_w, sk_d), (sv_t, sv_h, sv_w, sv_d),
+                        offs_d, D, H2, W2, KH, KW, EVEN_D, TABLES, KEYS_INSIDE)  # [BLOCK_K, BLOCK_D] each
         vis = key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL, TABLES)      # [BLOCK_Q, BLOCK_K]
         s = dot(q, tl.trans(k), UPCAST_DOT) * qk_scale                  # [BLOCK_Q, BLOCK_K]
         if HAS_BIAS:
@@ -339,6 +346,7 @@ def bwd_dq_kernel(
         if HAS_BIAS:
             tl.atomic_add(DBIAS + idx, ds, mask=vis, sem="relaxed")
         dq = dot_acc(dq, ds, k, UPCAST_DOT)                             # [BLOCK_Q, BLOCK_D]
+        a, bb, c, ko, vo = next_tile(a, bb, c, ko, vo, walk, k_steps, v_steps, KH, KW)
 
     mt, mh, mw, _ = grid_rows(TAB, qt, qh, qw, q_ok, T, H, W, T2, H2, W2, TABLES)
     store_rows(DQ + b * sdq_b + hd * sdq_n, token_offsets(mt, mh, mw, sdq_t, sdq_h, sdq_w), q_ok,

@@ -1,20 +1,22 @@
 """The 3DNA forward kernel: O = softmax over the visible keys of (Q K^T * scale), then V.
 
 Online softmax (FlashAttention-2) in base 2 over the key tiles of the query
-tile's box (``jit.query_walk``, ``jit.key_tile``, ``jit.key_mask``); the natural log-sum-exp is
-saved for the backward.
+tile's box (``walk.query_walk``, ``walk.key_tile``, ``walk.key_mask``); the natural
+log-sum-exp is saved for the backward.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from nuwa3dna.kernels.triton.jit import (
-    C_LN2, C_NEG_BIG, RUNTIME_SIZES, dot, dot_acc, grid_rows, key_mask, key_tile, load_rows, query_walk,
-    store_rows, to_store, token_offsets)
 from nuwa3dna.kernels.triton.extras import EXTRA_SIZES, bias_cols, bias_tile, key_bias_cols, kv_head, query_bias_rows
+from nuwa3dna.kernels.triton.jit import C_LN2, C_NEG_BIG, RUNTIME_SIZES, dot, dot_acc, load_rows, store_rows, to_store, \
+    token_offsets
+from nuwa3dna.kernels.triton.walk import grid_rows, key_mask, key_tile, keys_inside_rule, next_tile, query_walk, \
+    tile_origin, walk_steps
 
 
+@triton.heuristics({"KEYS_INSIDE": keys_inside_rule})
 @triton.jit(do_not_specialize=RUNTIME_SIZES + EXTRA_SIZES)
 def fwd_kernel(
     Q, K, V, O, LSE, TAB, BIAS,
@@ -26,6 +28,7 @@ def fwd_kernel(
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
     WIDE_IDX: tl.constexpr, TABLES: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    KEYS_INSIDE: tl.constexpr,
 ):
     """Forward of one query tile (BT x BH x BW queries, BLOCK_Q rows) of one (batch, head).
 
@@ -38,12 +41,14 @@ def fwd_kernel(
     GROUPED: K, V have heads / group heads, query head h reads kv head h // group.
     HAS_BIAS: BIAS (heads, 2RT+1, 2RH+1, 2RW+1) contiguous, added to each window key's
     score (``extras``), else None.
+    KEYS_INSIDE (set at launch, ``walk.keys_inside_rule``): every walked key tile lies
+    inside the key grid, so key loads are unmasked.
     Grid: (B * heads * cdiv(T, BT) * cdiv(H, BH) * cdiv(W, BW),); consecutive
     programs are neighbouring query tiles of one (batch, head), whose key boxes
     overlap, so K/V are reused from L2.
     """
     BLOCK_Q: tl.constexpr = BT * BH * BW
-    bh, b, hd, qt, qh, qw, q_ok, rq, walk, n_iter = query_walk(
+    bh, b, hd, qt, qh, qw, q_ok, rq, walk, n_iter, (a, bb, c) = query_walk(
         tl.program_id(0), T, H, W, T2, H2, W2, ET, EH, EW, n_heads, TAB, BT, BH, BW, KH, KW, CAUSAL, WIDE_IDX,
         TABLES)
     offs_d = tl.arange(0, BLOCK_D)
@@ -53,6 +58,9 @@ def fwd_kernel(
     hk = kv_head(hd, group, GROUPED)
     K += b * sk_b + hk * sk_n
     V += b * sv_b + hk * sv_n
+    ko, vo = tile_origin(a, bb, c, sk_t, sk_h, sk_w), tile_origin(a, bb, c, sv_t, sv_h, sv_w)
+    k_steps = walk_steps(walk, sk_t, sk_h, sk_w, KH, KW, TABLES)
+    v_steps = walk_steps(walk, sv_t, sv_h, sv_w, KH, KW, TABLES)
     if HAS_BIAS:
         BIAS += hd * ((2 * RT + 1) * (2 * RH + 1) * (2 * RW + 1))
         b_rows = query_bias_rows(qt, qh, qw, q_ok, q_ok, T, H, W, T2, H2, W2, RT, RH, RW, TAB, WIDE_IDX,
@@ -62,22 +70,27 @@ def fwd_kernel(
     m_i = tl.full([BLOCK_Q], C_NEG_BIG, tl.float32)                     # [BLOCK_Q] running max (log2)
     l_i = tl.zeros([BLOCK_Q], tl.float32)                               # [BLOCK_Q] running sum
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)                      # [BLOCK_Q, BLOCK_D]
-    for it in range(0, n_iter):
-        a, bb, c, k, v = key_tile(it, walk, K, V, (sk_t, sk_h, sk_w, sk_d), (sv_t, sv_h, sv_w, sv_d),
-                                  offs_d, D, H2, W2, KH, KW, EVEN_D, TABLES)  # [BLOCK_K, BLOCK_D] each
-        s = dot(q, tl.trans(k), UPCAST_DOT) * qk_scale                  # [BLOCK_Q, BLOCK_K]
+    for _ in range(0, n_iter):
+        k, v = key_tile(a, bb, c, ko, vo, walk, K, V, (sk_t, sk_h, sk_w, sk_d), (sv_t, sv_h, sv_w, sv_d),
+                        offs_d, D, H2, W2, KH, KW, EVEN_D, TABLES, KEYS_INSIDE)  # [BLOCK_K, BLOCK_D] each
+        s = dot(q, tl.trans(k), UPCAST_DOT)                             # [BLOCK_Q, BLOCK_K] unscaled
+        vis = key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL, TABLES)      # [BLOCK_Q, BLOCK_K]
         if HAS_BIAS:
-            vis = key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL, TABLES)  # [BLOCK_Q, BLOCK_K]
             idx = b_rows[:, None] + (bias_cols(a, bb, c, RH, RW) + b_cols)[None, :]  # [BLOCK_Q, BLOCK_K]
-            s = tl.where(vis, s + bias_tile(BIAS, idx, vis), float("-inf"))
+            s = tl.where(vis, s * qk_scale + bias_tile(BIAS, idx, vis), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))                       # [BLOCK_Q]
+            p = tl.math.exp2(s - m_new[:, None])                        # [BLOCK_Q, BLOCK_K]
         else:
-            s = tl.where(key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL, TABLES), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))                           # [BLOCK_Q]
-        p = tl.math.exp2(s - m_new[:, None])                            # [BLOCK_Q, BLOCK_K]
+            # The scale enters after the row max (scale > 0 commutes with max) and in
+            # exp2's argument, one FFMA per score instead of a multiply and a subtract.
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)            # [BLOCK_Q]
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])             # [BLOCK_Q, BLOCK_K]
         alpha = tl.math.exp2(m_i - m_new)                               # [BLOCK_Q]
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = dot_acc(acc * alpha[:, None], p, v, UPCAST_DOT)           # [BLOCK_Q, BLOCK_D]
         m_i = m_new
+        a, bb, c, ko, vo = next_tile(a, bb, c, ko, vo, walk, k_steps, v_steps, KH, KW)
 
     # Every query on the grid sees at least one key (its centre; its stride leader), so l_i > 0 there;
     # rows off the grid (l_i = 0) are never stored: 1 keeps them finite.

@@ -4,7 +4,7 @@
 Every loop iteration of the forward and dQ kernels scores a BLOCK_Q x BLOCK_K
 tile, and of the dK/dV kernel a BLOCK_K x BLOCK_Q tile, padding rows included:
 computed pairs = (loop iterations summed over programs) x BLOCK_Q x BLOCK_K.
-The iteration counts here are the kernels' own formulas (``jit.query_walk``'s
+The iteration counts here are the kernels' own formulas (``walk.query_walk``'s
 ``n_iter``, the dK/dV kernel's ``start`` and loop end), causal skips included,
 in Python integers. They are separable per axis (the key box of a tile is a
 product of per-axis intervals, and the causal terms are sums of products of
@@ -20,6 +20,7 @@ Pure Python (no Triton, no torch).
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Sequence, Tuple
 
 Tile = Tuple[int, int, int]
@@ -46,13 +47,13 @@ def _tiles(n: int, b: int) -> List[Tuple[int, int]]:
 
 
 def _key_box(o: int, last: int, n_q: int, n_kv: int, e: int) -> Tuple[int, int]:
-    """The walked key interval [lo, hi) of query tile o..last on one axis (jit.query_walk)."""
+    """The walked key interval [lo, hi) of query tile o..last on one axis (walk.query_walk)."""
     return max(centre(o, n_q, n_kv) - e, 0), min(centre(last, n_q, n_kv) + e + 1, n_kv)
 
 
 def _boxes(q_grid, kv_grid, extent, tables):
     """Per axis, the walked key interval of a query tile o..last (fwd/dQ): the closed form
-    of ``jit.query_walk``, or the window tables' [lo[o], hi[last])."""
+    of ``walk.query_walk``, or the window tables' [lo[o], hi[last])."""
     if tables is None:
         return [lambda o, l, n=n, m=m, e=e: _key_box(o, l, n, m, e) for n, m, e in zip(q_grid, kv_grid, extent)]
     return [lambda o, l, t=t: (t.lo[o], t.hi[l]) for t in tables]
@@ -65,6 +66,22 @@ def _ranges(q_grid, kv_grid, extent, tables):
     return [lambda o, l, t=t: (t.q0[o], t.q1[l]) for t in tables]
 
 
+def _inside(lo: int, hi: int, k: int, n: int) -> int:
+    """The walk's first key on one axis: a box [lo, hi) walked in tiles of k slides back
+    inside the axis [0, n) where the tiles fit (walk.query_walk, plain windows)."""
+    return max(min(lo, n - _cdiv(hi - lo, k) * k), 0)
+
+
+@functools.lru_cache(maxsize=1024)
+def keys_inside(q_grid: Tile, kv_grid: Tile, extent: Tile, q_tile: Tile, k_tile: Tile) -> bool:
+    """True when every key tile the forward and dQ kernels walk (plain windows) lies inside
+    the key grid, so their key loads need no mask (their KEYS_INSIDE): per axis h, w, each
+    query tile's box spans whole tiles that fit, n_b * KH <= H2 (frames are walked one by one)."""
+    return all(_cdiv(hi - lo, k) * k <= m
+               for n, m, e, b, k in zip(q_grid[1:], kv_grid[1:], extent[1:], q_tile[1:], k_tile[1:])
+               for lo, hi in (_key_box(o, l, n, m, e) for o, l in _tiles(n, b)))
+
+
 def query_tile_iterations(q_grid: Sequence[int], kv_grid: Sequence[int], extent: Sequence[int], causal: bool,
                           q_tile: Tile, k_tile: Tile, tables=None) -> int:
     """Loop iterations summed over the query tiles of one (batch, head): forward and dQ kernels.
@@ -72,7 +89,7 @@ def query_tile_iterations(q_grid: Sequence[int], kv_grid: Sequence[int], extent:
     ``k_tile`` is 1 x KH x KW. Causal (same grids): frames before the tile's last
     frame in full, then in that frame the row tiles up to the one holding the
     tile's last row, and in that row tile, if it starts exactly at that row, the
-    column tiles up to the last column (jit.query_walk).
+    column tiles up to the last column (walk.query_walk).
     """
     (T, H, W) = q_grid
     (BT, BH, BW), (_, KH, KW) = q_tile, k_tile
@@ -83,6 +100,9 @@ def query_tile_iterations(q_grid: Sequence[int], kv_grid: Sequence[int], extent:
     boxes_w = [(box_w(o, l), l) for o, l in ws]
     n_b = [_cdiv(hi - lo, KH) for (lo, hi), _ in boxes_h]
     n_c = [_cdiv(hi - lo, KW) for (lo, hi), _ in boxes_w]
+    if tables is None:      # the walk's first key row and column (the causal cut depends on them)
+        boxes_h = [((_inside(lo, hi, KH, kv_grid[1]), hi), l) for (lo, hi), l in boxes_h]
+        boxes_w = [((_inside(lo, hi, KW, kv_grid[2]), hi), l) for (lo, hi), l in boxes_w]
     if not causal:
         return sum(n_a) * sum(n_b) * sum(n_c)
     before = sum(l - box_t(o, l)[0] for o, l in ts)                     # t_last - a_lo
