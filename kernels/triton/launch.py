@@ -15,15 +15,40 @@ Grouped kv heads (k, v with fewer heads than q) launch GROUPED=True with
 ``group`` = q heads // kv heads; a relative position ``bias`` HAS_BIAS=True with
 its radii from its shape (``bias_radii``). Without them the kernels compile
 exactly as before (both flags False, BIAS None).
+
+Launch plans (issue 12 item 7: on a small grid such as nuwa-image the host took
+longer than the kernels' ~5 us). Everything of a launch but its tensors, their
+strides and the scale (kernel, grid, constexpr meta, integer sizes, window
+table) is a ``LaunchPlan``, built on the first call per ``plan_key`` (kind,
+shapes, dtype, device, extent, causal, options, bias shape, arch) and kept in
+``PLANS``, a thread-safe LRU of ``PLAN_CACHE_SIZE`` = 256 entries that
+``nuwa3dna.memory.clear_workspace`` empties and ``workspace_bytes`` counts. Measured
+on this project's CPU (benchmarks/NOTES.md), the nuwa-image forward's launch spec
+took 36 us to build before and 4.3 us with a cached plan, the backward's three
+62-100 us and 15 us; the forward driver, allocations included, 50 us and 9 us.
+
+CUDA graphs. After the first call per key nothing here waits on the device or copies
+to it: no ``.item()`` or ``.cpu()``, and the v2 window tables are already on the
+device in the plan; the buffers come from PyTorch's caching allocator, which graph
+capture supports. The first call per key must run before capture (the usual
+warm-up): it builds the plan, copies the window tables to the device (a
+host-to-device copy, ``relayout.packed``, which capture refuses) and compiles the
+kernels. A captured graph holds the window table's address, so do not call
+``clear_workspace`` while it may replay.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Tuple
+import sys
+import threading
+from collections import OrderedDict
+from types import MappingProxyType
+from typing import Any, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
+from nuwa3dna.kernels.env import interpreter_enabled
 from nuwa3dna.kernels.triton import configs, relayout
 from nuwa3dna.kernels.triton.backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from nuwa3dna.kernels.triton.configs import LaunchConfig, upcast_dot
@@ -107,59 +132,227 @@ def _meta(cfg: LaunchConfig, q, k, extent, causal: bool, tab, bias=None) -> dict
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def fwd_launch(q, k, v, out, lse, extent, causal, scale, arch=None, options=None, bias=None):
-    """Forward: grid (B * heads * query tiles,); see forward.fwd_kernel. ``bias`` contiguous."""
+class LaunchPlan(NamedTuple):
+    """Everything of one kernel's launch but its tensors, their strides and the scale.
+
+    ``metas`` holds one read-only constexpr mapping per pass (two for a split dK/dV);
+    ``sizes`` are the integer arguments after the strides; ``tab`` the window tables
+    (``window_table``) or None. Immutable (the table is never written), so one plan
+    is shared by every thread that asks for its key.
+    """
+    kernel: Any
+    grid: Tuple[int]
+    metas: Tuple[Mapping[str, Any], ...]
+    sizes: Tuple[int, ...]
+    tab: Optional[torch.Tensor]
+
+
+class BackwardPlan(NamedTuple):
+    """The three plans of one ``backward`` call, looked up with one key."""
+    preprocess: LaunchPlan
+    dkdv: LaunchPlan
+    dq: LaunchPlan
+
+
+def _frozen(meta: dict) -> Mapping[str, Any]:
+    return MappingProxyType(meta)
+
+
+def _build_fwd(q, k, extent, causal, options, bias, arch, cfgs=None) -> LaunchPlan:
     B, T, H, W, n_heads, D = q.shape
-    T2, H2, W2 = k.shape[1:4]
-    cfg = _configs(q, k, extent, arch, causal, options, bias)["fwd"]
+    cfg = (cfgs or _configs(q, k, extent, arch, causal, options, bias))["fwd"]
     tab = window_table(q, k, extent, options)
     grid = (B * n_heads * _n_tiles((T, H, W), cfg.q_tile),)
-    args = [q, k, v, out, lse, tab, bias, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            T, H, W, T2, H2, W2, *extent, n_heads, *_head_args(q, k, bias), D, scale * LOG2E]
-    return fwd_kernel, grid, args, _meta(cfg, q, k, extent, causal, tab, bias)
+    sizes = (T, H, W, *k.shape[1:4], *extent, n_heads, *_head_args(q, k, bias), D)
+    return LaunchPlan(fwd_kernel, grid, (_frozen(_meta(cfg, q, k, extent, causal, tab, bias)),), sizes, tab)
+
+
+def _build_preprocess(q, k, extent, causal, options, bias, arch) -> LaunchPlan:
+    B, T, H, W, n_heads, D = q.shape
+    cfg = _configs(q, q, (0, 0, 0), arch)["preprocess"]
+    grid = (B * n_heads * -(-(T * H * W) // cfg.block_q),)
+    meta = dict(BLOCK_N=cfg.block_q, BLOCK_D=cfg.block_d, EVEN_D=_even_d(cfg, D),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return LaunchPlan(bwd_preprocess_kernel, grid, (_frozen(meta),), (T, H, W, n_heads, D), None)
+
+
+def _build_dkdv(q, k, extent, causal, options, bias, arch, cfgs=None) -> LaunchPlan:
+    B, T, H, W, n_heads, D = q.shape
+    T2, H2, W2, kv_heads = k.shape[1:5]
+    cfg = (cfgs or _configs(q, k, extent, arch, causal, options, bias))["dkdv"]
+    tab = window_table(q, k, extent, options)
+    grid = (B * kv_heads * _n_tiles((T2, H2, W2), cfg.k_tile),)
+    sizes = (T, H, W, T2, H2, W2, *extent, kv_heads, *_head_args(q, k, bias), D)
+    meta = _meta(cfg, q, k, extent, causal, tab, bias)
+    passes = [(True, False), (False, True)] if cfg.split_dkdv else [(True, True)]
+    return LaunchPlan(bwd_dkdv_kernel, grid, tuple(_frozen(dict(meta, DO_DK=a, DO_DV=b)) for a, b in passes),
+                      sizes, tab)
+
+
+def _build_dq(q, k, extent, causal, options, bias, arch, cfgs=None) -> LaunchPlan:
+    B, T, H, W, n_heads, D = q.shape
+    cfg = (cfgs or _configs(q, k, extent, arch, causal, options, bias))["dq"]
+    tab = window_table(q, k, extent, options)
+    grid = (B * n_heads * _n_tiles((T, H, W), cfg.q_tile),)
+    sizes = (T, H, W, *k.shape[1:4], *extent, n_heads, *_head_args(q, k, bias), D)
+    return LaunchPlan(bwd_dq_kernel, grid, (_frozen(_meta(cfg, q, k, extent, causal, tab, bias)),), sizes, tab)
+
+
+def _build_bwd(q, k, extent, causal, options, bias, arch) -> BackwardPlan:
+    cfgs = _configs(q, k, extent, arch, causal, options, bias)      # one planner call for dK/dV and dQ
+    return BackwardPlan(_build_preprocess(q, k, extent, causal, options, bias, arch),
+                        _build_dkdv(q, k, extent, causal, options, bias, arch, cfgs),
+                        _build_dq(q, k, extent, causal, options, bias, arch, cfgs))
+
+
+_BUILDERS = {"fwd": _build_fwd, "preprocess": _build_preprocess, "dkdv": _build_dkdv, "dq": _build_dq,
+             "bwd": _build_bwd}
+
+
+def _host_bytes(obj) -> int:
+    """Approximate host bytes of a key or plan: its containers and the numbers and strings
+    in them. Shared objects (kernels, functions, devices, dtypes) and tensors are not counted."""
+    if isinstance(obj, (tuple, list)):
+        return sys.getsizeof(obj) + sum(_host_bytes(x) for x in obj)
+    if isinstance(obj, (dict, MappingProxyType)):
+        return sys.getsizeof(dict(obj)) + sum(_host_bytes(a) + _host_bytes(b) for a, b in obj.items())
+    if isinstance(obj, (int, float, str)):
+        return sys.getsizeof(obj)
+    return 0
+
+
+def _tables(plan) -> list:
+    plans = plan if isinstance(plan, BackwardPlan) else (plan,)
+    return [p.tab for p in plans if p.tab is not None]
+
+
+class PlanCache:
+    """A thread-safe LRU of launch plans: at most ``maxsize`` entries, the least recently
+    used dropped first. A miss builds outside the lock (a new grid's tile planning takes
+    milliseconds), so two threads may build the same plan once each; both are equal and
+    the later one is kept."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._plans: "OrderedDict[tuple, tuple]" = OrderedDict()     # key -> (plan, host bytes)
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, build, *args):
+        with self._lock:
+            hit = self._plans.get(key)
+            if hit is not None:
+                self._plans.move_to_end(key)
+                return hit[0]
+        plan = build(*args)
+        nbytes = _host_bytes(key) + _host_bytes(plan)
+        with self._lock:
+            self._plans[key] = (plan, nbytes)
+            self._plans.move_to_end(key)
+            while len(self._plans) > self.maxsize:
+                self._plans.popitem(last=False)
+        return plan
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+
+    def nbytes(self) -> int:
+        """Host bytes of the keys and plans (approximate, ``_host_bytes``) plus the device
+        bytes of the window tables they hold (each counted once; tables on "meta" hold none)."""
+        with self._lock:
+            entries = list(self._plans.values())
+        tabs = {id(t): t for plan, _ in entries for t in _tables(plan)}
+        return sum(n for _, n in entries) + sum(t.untyped_storage().nbytes() for t in tabs.values()
+                                                if t.device.type != "meta")
+
+
+# 256 plans: a model needs two per kind of attention layer (a forward and a backward key per
+# grid, extent and flag set), so a NÜWA stack of 3 to 6 kinds of layers needs about a dozen,
+# and 256 leaves room for many models and shapes in one process. A forward plan with its key
+# counts 3.4 KB of host memory, a backward one (three plans) 7.2 KB (``PlanCache.nbytes``,
+# nuwa-image and gpu-large), so the cache holds at most about 1.8 MB plus the window tables.
+PLAN_CACHE_SIZE = 256
+PLANS = PlanCache(PLAN_CACHE_SIZE)
+
+
+def plan_key(kind: str, q, k, extent, causal: bool = False, options: Optional[Options] = None,
+             bias=None, arch: Optional[int] = None) -> tuple:
+    """What a plan depends on: shapes (not strides: they are passed per call), dtype,
+    device, extent, flags, bias shape, ``arch`` as given (None: the device's), the
+    interpreter flag (``configs.upcast_dot``) and, by identity, the functions a plan is built
+    from, so a replaced one (tests/conftest.py's ``small_tiles``, an sm_80 ``device_arch``,
+    a corrupted ``relayout.packed`` in tests/test_bounds.py) gets its own plans, never a stale one."""
+    return (kind, q.shape, k.shape, q.dtype, q.device, tuple(extent), causal, options,
+            None if bias is None else bias.shape, arch, interpreter_enabled(),
+            configs.pick_configs, configs.device_arch, relayout.packed)
+
+
+def launch_plan(kind: str, q, k, extent, causal: bool = False, options: Optional[Options] = None,
+                bias=None, arch: Optional[int] = None):
+    """The cached ``LaunchPlan`` of kernel ``kind`` ("fwd", "preprocess", "dkdv", "dq"), or the
+    ``BackwardPlan`` of "bwd"; built on the first call per ``plan_key`` (which refuses
+    grids past the int32 indices, ``check_index_range``)."""
+    key = plan_key(kind, q, k, extent, causal, options, bias, arch)
+    return PLANS.get(key, _BUILDERS[kind], q, k, tuple(extent), causal, options, bias, arch)
+
+
+def _fwd_spec(p: LaunchPlan, q, k, v, out, lse, bias, scale):
+    args = [q, k, v, out, lse, p.tab, bias, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *p.sizes, scale * LOG2E]
+    return p.kernel, p.grid, args, p.metas[0]
+
+
+def _preprocess_spec(p: LaunchPlan, out, dout, delta):
+    return p.kernel, p.grid, [out, dout, delta, *out.stride(), *dout.stride(), *p.sizes], p.metas[0]
+
+
+def _dkdv_specs(p: LaunchPlan, q, k, v, dout, lse, delta, dk, dv, bias, scale):
+    args = [q, k, v, dout, lse, delta, dk, dv, p.tab, bias,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            *p.sizes, scale, scale * LOG2E]
+    return [(p.kernel, p.grid, args, meta) for meta in p.metas]
+
+
+def _dq_spec(p: LaunchPlan, q, k, v, dout, lse, delta, dq, bias, dbias, scale):
+    args = [q, k, v, dout, lse, delta, dq, p.tab, bias, dbias,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *p.sizes, scale, scale * LOG2E]
+    return p.kernel, p.grid, args, p.metas[0]
+
+
+def _public(spec):
+    """A spec with its meta as a fresh dict (callers may extend it; the plan's stays frozen)."""
+    kernel, grid, args, meta = spec
+    return kernel, grid, args, dict(meta)
+
+
+def fwd_launch(q, k, v, out, lse, extent, causal, scale, arch=None, options=None, bias=None):
+    """Forward: grid (B * heads * query tiles,); see forward.fwd_kernel. ``bias`` contiguous."""
+    p = launch_plan("fwd", q, k, extent, causal, options, bias, arch)
+    return _public(_fwd_spec(p, q, k, v, out, lse, bias, scale))
 
 
 def preprocess_launch(q, out, dout, delta, arch=None):
     """delta = rowsum(dO * O): grid (B * heads * cdiv(T*H*W, rows),)."""
-    B, T, H, W, n_heads, D = q.shape
-    cfg = _configs(q, q, (0, 0, 0), arch)["preprocess"]
-    grid = (B * n_heads * -(-(T * H * W) // cfg.block_q),)
-    args = [out, dout, delta, *out.stride(), *dout.stride(), T, H, W, n_heads, D]
-    meta = dict(BLOCK_N=cfg.block_q, BLOCK_D=cfg.block_d, EVEN_D=_even_d(cfg, D),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return bwd_preprocess_kernel, grid, args, meta
+    return _public(_preprocess_spec(launch_plan("preprocess", q, q, (0, 0, 0), arch=arch), out, dout, delta))
 
 
 def dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale, arch=None, options=None,
                   bias=None):
     """One launch (dK and dV together) or two (a dK pass, a dV pass; see split_dkdv);
     grid (B * kv heads * key tiles,): a program sums its kv head's query heads."""
-    B, T, H, W, n_heads, D = q.shape
-    T2, H2, W2, kv_heads = k.shape[1:5]
-    cfg = _configs(q, k, extent, arch, causal, options, bias)["dkdv"]
-    tab = window_table(q, k, extent, options)
-    grid = (B * kv_heads * _n_tiles((T2, H2, W2), cfg.k_tile),)
-    args = [q, k, v, dout, lse, delta, dk, dv, tab, bias,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-            T, H, W, T2, H2, W2, *extent, kv_heads, *_head_args(q, k, bias), D, scale, scale * LOG2E]
-    meta = _meta(cfg, q, k, extent, causal, tab, bias)
-    passes = [(True, False), (False, True)] if cfg.split_dkdv else [(True, True)]
-    return [(bwd_dkdv_kernel, grid, args, dict(meta, DO_DK=a, DO_DV=b)) for a, b in passes]
+    p = launch_plan("dkdv", q, k, extent, causal, options, bias, arch)
+    return [_public(s) for s in _dkdv_specs(p, q, k, v, dout, lse, delta, dk, dv, bias, scale)]
 
 
 def dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale, arch=None, options=None, bias=None,
               dbias=None):
     """dQ: grid (B * heads * query tiles,), as the forward; with ``bias`` it adds d_bias into
     ``dbias`` (float32, the bias's shape, contiguous)."""
-    B, T, H, W, n_heads, D = q.shape
-    T2, H2, W2 = k.shape[1:4]
-    cfg = _configs(q, k, extent, arch, causal, options, bias)["dq"]
-    tab = window_table(q, k, extent, options)
-    grid = (B * n_heads * _n_tiles((T, H, W), cfg.q_tile),)
-    args = [q, k, v, dout, lse, delta, dq, tab, bias, dbias,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-            T, H, W, T2, H2, W2, *extent, n_heads, *_head_args(q, k, bias), D, scale, scale * LOG2E]
-    return bwd_dq_kernel, grid, args, _meta(cfg, q, k, extent, causal, tab, bias)
+    p = launch_plan("dq", q, k, extent, causal, options, bias, arch)
+    return _public(_dq_spec(p, q, k, v, dout, lse, delta, dq, bias, dbias, scale))
 
 
 def device_guard(device):
@@ -181,14 +374,14 @@ def forward(q, k, v, extent, causal: bool, scale: float,
     (contiguous float32, ``stats_shape(q)``) may be preallocated, e.g. NaN-poisoned by tests.
     ``options``: the v2 window options (None: plain); ``bias``: the relative position bias
     (Hq, 2Rt+1, 2Rh+1, 2Rw+1) or None; k, v may have fewer heads than q."""
-    check_index_range(q, k)
     with device_guard(q.device):
+        bias = None if bias is None else bias.contiguous()
+        p = launch_plan("fwd", q, k, extent, causal, options, bias)    # refuses huge grids before allocating
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if lse is None:
             lse = torch.empty(stats_shape(q), dtype=torch.float32, device=q.device)
-        _run(fwd_launch(q, k, v, out, lse, extent, causal, scale, options=options,
-                        bias=None if bias is None else bias.contiguous()))
+        _run(_fwd_spec(p, q, k, v, out, lse, bias, scale))
     return out, lse
 
 
@@ -201,23 +394,20 @@ def backward(q, k, v, out, lse, dout, extent, causal: bool, scale: float,
     as delta - dlse (d lse_i / d s_ij = p_ij). ``bias`` as ``forward``; its gradient is
     added into ``dbias`` (float32 zeros of the bias's shape, contiguous; a scratch one
     when None)."""
-    check_index_range(q, k)
     with device_guard(q.device):
+        bias = None if bias is None else bias.contiguous()
+        p = launch_plan("bwd", q, k, extent, causal, options, bias)    # refuses huge grids before allocating
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
         if delta is None:
             delta = torch.empty(stats_shape(q), dtype=torch.float32, device=q.device)
-        _run(preprocess_launch(q, out, dout, delta))
+        _run(_preprocess_spec(p.preprocess, out, dout, delta))
         if dlse is not None:
             delta.sub_(dlse)
-        if bias is not None:
-            bias = bias.contiguous()
-            if dbias is None:
-                dbias = torch.zeros(bias.shape, dtype=torch.float32, device=q.device)
-        for spec in dkdv_launches(q, k, v, dout, lse, delta, dk, dv, extent, causal, scale, options=options,
-                                  bias=bias):
+        if bias is not None and dbias is None:
+            dbias = torch.zeros(bias.shape, dtype=torch.float32, device=q.device)
+        for spec in _dkdv_specs(p.dkdv, q, k, v, dout, lse, delta, dk, dv, bias, scale):
             _run(spec)
-        _run(dq_launch(q, k, v, dout, lse, delta, dq, extent, causal, scale, options=options, bias=bias,
-                       dbias=dbias))
+        _run(_dq_spec(p.dq, q, k, v, dout, lse, delta, dq, bias, dbias, scale))
     return dq, dk, dv

@@ -19,8 +19,33 @@ Inputs are validated by ``nuwa3dna.checks`` before they get here; ``extent``
 is resolved (three ints). Importing this module imports Triton and registers
 the ops; ``nuwa3dna.ops`` imports it on the first ``backend="triton"`` call.
 
-Untested here: the ops under torch.compile on a GPU (tests run on CPU, where
-the kernels only run under the Triton interpreter, eagerly).
+Custom ops, not ``torch.library.triton_op`` (issue 12 item 7; tried on CPU with torch
+2.13 and Triton 3.9, under the interpreter). A ``triton_op`` registers its own body as its
+fake kernel and, under ``torch.compile``, re-runs the body on fake tensors inside
+AOTAutograd, where ``wrap_triton`` turns a kernel into a graph node; but under the
+interpreter ``@triton.jit`` gives an ``InterpretedFunction``, which ``wrap_triton``
+returns unchanged (torch/_library/triton.py: "TRITON_INTERPRET=1 makes @triton.jit
+return InterpretedFunction"), so the body calls the kernel on fake tensors. On a
+toy add kernel as a ``triton_op``: eager ran; ``opcheck`` failed in test_faketensor
+("Attempted to set the storage of a tensor on device "meta" to a storage on
+different device "cpu""); ``torch.compile(fullgraph=True)`` failed with both the
+aot_eager and inductor backends ("Dynamo failed to run FX node with fake tensors:
+... Cannot access data pointer of Tensor (e.g. FakeTensor, FunctionalTensor)"). So on
+this machine a ``triton_op`` would break tests/test_compile.py's opcheck of these ops
+and could not be tested under compile at all. Also, off the interpreter, ``wrap_triton``
+accepts only ``triton.jit`` and ``triton.autotune`` kernels and refuses a
+``triton.heuristics`` one ("wrap_triton only works on functions annotated with
+triton.jit or triton.autotune"). What a GPU session should try: benchmarks/NOTES.md,
+"Launch-plan cache (issue 12 item 7)".
+
+As custom ops the kernels are opaque to Inductor but can be captured in CUDA graphs
+(``torch.compile(mode="reduce-overhead")`` or ``torch.cuda.graph``): the launch path
+makes no host sync and, after the first call per shape (which must run before
+capture: it builds the launch plan, copies the window tables to the device and
+compiles the kernels; ``launch``'s docstring), no host-to-device copy.
+
+Untested here: the ops under torch.compile and CUDA graphs on a GPU (tests run on
+CPU, where the kernels only run under the Triton interpreter, eagerly).
 """
 from __future__ import annotations
 
