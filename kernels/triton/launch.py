@@ -23,9 +23,10 @@ table) is a ``LaunchPlan``, built on the first call per ``plan_key`` (kind,
 shapes, dtype, device, extent, causal, options, bias shape, arch) and kept in
 ``PLANS``, a thread-safe LRU of ``PLAN_CACHE_SIZE`` = 256 entries that
 ``nuwa3dna.memory.clear_workspace`` empties and ``workspace_bytes`` counts. Measured
-on this project's CPU (benchmarks/NOTES.md), the nuwa-image forward's launch spec
-took 36 us to build before and 4.3 us with a cached plan, the backward's three
-62-100 us and 15 us; the forward driver, allocations included, 50 us and 9 us.
+on this project's loaded 2-core CPU (benchmarks/NOTES.md, ranges over four runs), the
+nuwa-image forward's launch spec took 21-50 us to build before and 4-9 us with a
+cached plan, the backward's three 68-146 us and 15-22 us; the forward driver,
+allocations included, 28-57 us and 9-14 us.
 
 CUDA graphs. After the first call per key nothing here waits on the device or copies
 to it: no ``.item()`` or ``.cpu()``, and the v2 window tables are already on the
