@@ -20,7 +20,7 @@ import torch
 from nuwa3dna.kernels import perf
 from nuwa3dna.kernels.occupancy import SM_LIMITS, ctas_per_sm
 from nuwa3dna.kernels.problems import Problem
-from nuwa3dna.kernels.triton import configs, plan, relayout
+from nuwa3dna.kernels.triton import configs, relayout
 from nuwa3dna.kernels.triton.configs import LaunchConfig
 from nuwa3dna.kernels.triton.tables import SMEM_PER_BLOCK
 from nuwa3dna.kernels.windows import Options
@@ -47,15 +47,11 @@ def _tiles(n, b):
     return [(o, min(o + b, n) - 1) for o in range(0, n, b)]
 
 
-# jit.query_walk on plain windows slides the walked key tiles back inside the grid where they
-# fit (issue 12 item 5, landing alongside this test: plan.keys_inside marks it); the causal cut
-# depends on where the walk starts. Once that has landed, drop the hasattr and keep the slide.
-SLIDES = hasattr(plan, "keys_inside")
-
-
 def _walk_start(lo, hi, k, n, tables):
-    """First walked key row (column) of a key box [lo, hi) walked in tiles of k on an axis of n."""
-    if tables is None and SLIDES:
+    """First walked key row (column) of a key box [lo, hi) walked in tiles of k on an axis of n:
+    on plain windows the forward and dQ walks slide back inside the grid where the tiles fit
+    (the causal cut depends on where the walk starts); the table path walks from lo."""
+    if tables is None:
         return max(min(lo, n - -(-(hi - lo) // k) * k), 0)
     return lo
 
