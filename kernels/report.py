@@ -43,6 +43,7 @@ if "nuwa3dna.kernels.triton.jit" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "0"
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -81,7 +82,22 @@ VARIANTS = {"kv2": (2, False), "bias": (None, True), "kv2-bias": (2, True), "glo
 # capped by ptxas at 168 and 72; configs._bias_rows has no smaller tile there).
 VARIANT_PAIRS = (("gpu-large+kv2-bias", 64), ("nuwa-video+kv2-bias", 64), ("nuwa-video-stride+kv2-bias", 64))
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-DTYPE_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+# "tf32": float32 inputs with PyTorch's float32 matmuls set to TF32, which the launchers
+# follow (configs.float32_tf32): the kernels' TF32 tensor-core variant, on the GPU workloads.
+DTYPE_BY_NAME = {**{v: k for k, v in DTYPE_NAMES.items()}, "tf32": torch.float32}
+TF32_PAIRS = (*itertools.product(REPORT_WORKLOADS, HEAD_DIMS), *((w, 64) for w in TABLE_WORKLOADS))
+
+
+@contextlib.contextmanager
+def _float32_precision(tf32: bool):
+    """PyTorch's float32 matmul precision set to TF32 (or IEEE) while the launches are built."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32" if tf32 else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
 
 
 def variant(workload: str):
@@ -210,9 +226,12 @@ def _rows(job) -> List[dict]:
     wl, D, dt_name, arch, kernels = job
     (p, _, bias_shape), dt = variant(wl), DTYPE_BY_NAME[dt_name]
     cfgs = configs.pick_configs(p.q_grid, p.kv, p.resolved_extent, D, dt, arch, p.causal is True,
-                                Options.of(p.causal, **p.options), bias=bias_shape is not None)
+                                Options.of(p.causal, **p.options), bias=bias_shape is not None,
+                                tf32=dt_name == "tf32")
     rows = []
-    for name, spec in launch_specs(wl, D, dt, arch).items():
+    with _float32_precision(dt_name == "tf32"):
+        specs = launch_specs(wl, D, dt, arch)
+    for name, spec in specs.items():
         kind = name.split(":")[0]
         if kind not in kernels:
             continue
@@ -228,11 +247,13 @@ def _rows(job) -> List[dict]:
 
 def report(workloads=REPORT_WORKLOADS, head_dims=HEAD_DIMS, dtypes=DTYPES, archs=ARCHS, kernels=KERNELS,
            extra=(("long-axis", 64), *itertools.product(TABLE_WORKLOADS, TABLE_HEAD_DIMS), *VARIANT_PAIRS), jobs=1,
-           log=None) -> List[dict]:
-    """Rows of every (workload, D) of workloads x head_dims plus ``extra``, x dtypes x archs."""
+           log=None, tf32=TF32_PAIRS) -> List[dict]:
+    """Rows of every (workload, D) of workloads x head_dims plus ``extra``, x dtypes x archs,
+    and of the (workload, D) pairs ``tf32`` with float32 on TF32 tensor cores, x archs."""
     pairs = [*itertools.product(workloads, head_dims), *extra]
     work = [(wl, D, DTYPE_NAMES[dt], arch, tuple(kernels))
             for (wl, D), dt, arch in itertools.product(pairs, dtypes, archs)]
+    work += [(wl, D, "tf32", arch, tuple(kernels)) for (wl, D), arch in itertools.product(tf32, archs)]
     rows = []
     with ProcessPoolExecutor(jobs) if jobs > 1 else _Serial() as pool:
         for batch in pool.map(_rows, work):
@@ -291,7 +312,8 @@ def main(argv=None):
             return 0
         return perf.main(sass=a.sass, compile=a.compile)
     kw = dict(workloads=("gpu-large",), head_dims=(64, 128),
-              extra=(("long-axis", 64), *((w, 64) for w in TABLE_WORKLOADS), VARIANT_PAIRS[0])) if a.quick else {}
+              extra=(("long-axis", 64), *((w, 64) for w in TABLE_WORKLOADS), VARIANT_PAIRS[0]),
+              tf32=(("gpu-large", 64),)) if a.quick else {}
     if a.json:
         rows = report(jobs=a.jobs, **kw)
         print(json.dumps(rows))

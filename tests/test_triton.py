@@ -103,8 +103,9 @@ def _check(p: Problem, dtype, gen, dout="randn", backward_=True):
 def test_interpreter_is_on():
     assert interpreter_enabled()
     # bf16 tiles are upcast only in the interpreter; the GPU keeps native bf16 dots.
-    upcast = configs.upcast_dot
-    assert upcast(torch.bfloat16) and not upcast(torch.float16) and not upcast(torch.float32)
+    mode = configs.dot_mode
+    assert mode(torch.bfloat16) == "upcast" and mode(torch.float16) == mode(torch.float32) == "ieee"
+    assert mode(torch.float32, tf32=True) == "tf32-interp" and mode(torch.float16, tf32=True) == "ieee"
 
 
 @pytest.mark.parametrize("p,dout", [pytest.param(p, DOUTS[i % 3], id=f"{p.id}-dout:{DOUTS[i % 3]}")
@@ -252,6 +253,44 @@ def test_keys_inside(p, dtype, gen, small_tiles, monkeypatch):
     monkeypatch.setattr(launch, "_run", record)
     _check(p, dtype, gen)
     assert unmasked == ["fwd_kernel", "bwd_dq_kernel"], unmasked
+
+
+@pytest.fixture
+def tf32():
+    """PyTorch's float32 matmul precision set to TF32 for the test, restored after."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    yield
+    matmul.fp32_precision = before
+
+
+@pytest.mark.parametrize("p", [BY_ID["B2-T3H5W7-h2-d24-e1x2x2-causal"], BY_ID["B2-T2H6W5-h2-d64-eax1x3"],
+                               BY_ID["B1-T2H6W5-kvT3H9W11-h2-d8-e0xax1"]], ids=lambda p: p.id)
+def test_float32_follows_torch_tf32_setting(p, gen, tf32):
+    """With PyTorch's float32 matmuls set to TF32, float32 inputs take TF32 dots (emulated in
+    the interpreter: operands rounded to 10 mantissa bits). Forward and gradients then sit
+    within the 2x rule of a float16 dense run (the same 10-bit mantissa), and are less
+    exact than with the setting back at IEEE (so the setting did reach the kernels)."""
+    q, k, v = p.make(torch.float32, device=DEVICE, generator=gen)
+    g = torch.randn(q.shape, generator=gen).to(DEVICE)
+    scale = p.D ** -0.5
+
+    def dense(a, b, c):
+        return dense_nearby_attention(a, b, c, p.extent, p.causal, scale)
+
+    def triton(a, b, c):
+        return nearby_attention(a, b, c, p.extent, causal=p.causal, scale=scale, backend="triton")
+
+    ref, _ = _run(dense, q.double(), k.double(), v.double(), "randn", g)
+    half, _ = _run(dense, q.half(), k.half(), v.half(), "randn", g)
+    ours, _ = _run(triton, q, k, v, "randn", g)
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    exact, _ = _run(triton, q, k, v, "randn", g)
+    for name, o, h, e, r in zip(("out", "dq", "dk", "dv"), ours, half, exact, ref):
+        err, base = _max_err(o, r), _max_err(h, r)
+        assert err <= 2 * base + ATOL[torch.float16], f"{p.id} tf32 {name}: {err=} {base=}"
+        assert _max_err(e, r) < err, f"{p.id} {name}: the TF32 result is no less exact than IEEE"
 
 
 @pytest.mark.parametrize("p,dtype", [(BY_ID["B2-T3H5W7-h2-d24-e1x2x2-causal"], torch.float32),

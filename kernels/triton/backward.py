@@ -59,7 +59,7 @@ def bwd_preprocess_kernel(
 def dkdv_query_walk(dk, dv, k, v, Q, DO, LSE, DELTA, BIAS, b_cols, start, stop, t_lo, h_lo, w_lo, h_hi, w_hi,
                     n_h, n_w, ranges, k_ok, rk, ih, iw, ihw, q_tabs, sq, sdo, steps, group, offs_d, D, T, H, W,
                     T2, H2, W2, TAB, RT, RH, RW, qk_scale, BH: tl.constexpr, BW: tl.constexpr,
-                    CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
+                    CAUSAL: tl.constexpr, DOT: tl.constexpr, EVEN_D: tl.constexpr,
                     WIDE_IDX: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, TABLES: tl.constexpr,
                     GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr):
     """The dK/dV kernel's walk: dk, dv ([BLOCK_K, BLOCK_D] float32) plus the query tiles
@@ -123,19 +123,19 @@ def dkdv_query_walk(dk, dv, k, v, Q, DO, LSE, DELTA, BIAS, b_cols, start, stop, 
                           qw0 - w, tl.minimum(qw1, w_hi) - w - 1, ih, iw)  # [BLOCK_K, BLOCK_Q]
         if CAUSAL:
             vis_t = vis_t & (ihw[None, :] >= (rk - ((t * H + h) * W + w))[:, None])
-        s_t = dot(k, tl.trans(q), UPCAST_DOT) * qk_scale                # [BLOCK_K, BLOCK_Q]
+        s_t = dot(k, tl.trans(q), DOT) * qk_scale                # [BLOCK_K, BLOCK_Q]
         if HAS_BIAS:
             b_rows = query_bias_rows(t, qh, qw, True, q_ok, T, H, W, T2, H2, W2, RT, RH, RW, TAB, WIDE_IDX,
                                      TABLES)                            # [BLOCK_Q]
             s_t += bias_tile(BIAS, b_cols[:, None] + b_rows[None, :], vis_t)  # [BLOCK_K, BLOCK_Q]
         p_t = tl.where(vis_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)   # [BLOCK_K, BLOCK_Q]
         if DO_DV:
-            dv = dot_acc(dv, p_t, do, UPCAST_DOT)                       # [BLOCK_K, BLOCK_D]
+            dv = dot_acc(dv, p_t, do, DOT)                       # [BLOCK_K, BLOCK_D]
         if DO_DK:
             delta = tl.load(DELTA + rq, mask=q_ok, other=0.0)           # [BLOCK_Q]
-            dp_t = dot(v, tl.trans(do), UPCAST_DOT)                     # [BLOCK_K, BLOCK_Q]
+            dp_t = dot(v, tl.trans(do), DOT)                     # [BLOCK_K, BLOCK_Q]
             ds_t = p_t * (dp_t - delta[None, :])                        # [BLOCK_K, BLOCK_Q]
-            dk = dot_acc(dk, ds_t, q, UPCAST_DOT)                       # [BLOCK_K, BLOCK_D]
+            dk = dot_acc(dk, ds_t, q, DOT)                       # [BLOCK_K, BLOCK_D]
     return dk, dv
 
 
@@ -150,7 +150,7 @@ def bwd_dkdv_kernel(
     sdv_b, sdv_t, sdv_h, sdv_w, sdv_n, sdv_d,
     T, H, W, T2, H2, W2, ET, EH, EW, n_heads, group, RT, RH, RW, D, scale, qk_scale,
     BH: tl.constexpr, BW: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr, EVEN_D: tl.constexpr,
     WIDE_IDX: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, TABLES: tl.constexpr,
     GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
@@ -259,15 +259,15 @@ def bwd_dkdv_kernel(
     dk, dv = dkdv_query_walk(
         dk, dv, k, v, Q, DO, LSE, DELTA, BIAS, b_cols, start, stop, t_lo, h_lo, w_lo, h_hi, w_hi, n_h, n_w,
         ranges, k_ok, rk, ih, iw, ihw, q_tabs, sq, sdo, (sq_n, sdo_n, T * H * W, n_bias), group, offs_d, D,
-        T, H, W, T2, H2, W2, TAB, RT, RH, RW, qk_scale, BH, BW, CAUSAL, UPCAST_DOT, EVEN_D, WIDE_IDX, DO_DK,
+        T, H, W, T2, H2, W2, TAB, RT, RH, RW, qk_scale, BH, BW, CAUSAL, DOT, EVEN_D, WIDE_IDX, DO_DK,
         DO_DV, TABLES, GROUPED, HAS_BIAS)
 
     if DO_DK:
         store_rows(DK + b * sdk_b + hd * sdk_n, token_offsets(mkt, mkh, mkw, sdk_t, sdk_h, sdk_w), k_ok,
-                   offs_d, sdk_d, D, to_store(dk * scale, DK.dtype.element_ty, UPCAST_DOT), EVEN_D)
+                   offs_d, sdk_d, D, to_store(dk * scale, DK.dtype.element_ty, DOT), EVEN_D)
     if DO_DV:
         store_rows(DV + b * sdv_b + hd * sdv_n, token_offsets(mkt, mkh, mkw, sdv_t, sdv_h, sdv_w), k_ok,
-                   offs_d, sdv_d, D, to_store(dv, DV.dtype.element_ty, UPCAST_DOT), EVEN_D)
+                   offs_d, sdv_d, D, to_store(dv, DV.dtype.element_ty, DOT), EVEN_D)
 
 
 @triton.heuristics({"KEYS_INSIDE": keys_inside_rule})
@@ -281,7 +281,7 @@ def bwd_dq_kernel(
     sdq_b, sdq_t, sdq_h, sdq_w, sdq_n, sdq_d,
     T, H, W, T2, H2, W2, ET, EH, EW, n_heads, group, RT, RH, RW, D, scale, qk_scale,
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr, EVEN_D: tl.constexpr,
     WIDE_IDX: tl.constexpr, TABLES: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
     KEYS_INSIDE: tl.constexpr,
 ):
@@ -336,18 +336,18 @@ def bwd_dq_kernel(
         k, v = key_tile(a, bb, c, ko, vo, walk, K, V, (sk_t, sk_h, sk_w, sk_d), (sv_t, sv_h, sv_w, sv_d),
                         offs_d, D, H2, W2, KH, KW, EVEN_D, TABLES, KEYS_INSIDE)  # [BLOCK_K, BLOCK_D] each
         vis = key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL, TABLES)      # [BLOCK_Q, BLOCK_K]
-        s = dot(q, tl.trans(k), UPCAST_DOT) * qk_scale                  # [BLOCK_Q, BLOCK_K]
+        s = dot(q, tl.trans(k), DOT) * qk_scale                  # [BLOCK_Q, BLOCK_K]
         if HAS_BIAS:
             idx = b_rows[:, None] + (bias_cols(a, bb, c, RH, RW) + b_cols)[None, :]  # [BLOCK_Q, BLOCK_K]
             s += bias_tile(BIAS, idx, vis)
         p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)         # [BLOCK_Q, BLOCK_K]
-        dp = dot(do, tl.trans(v), UPCAST_DOT)                           # [BLOCK_Q, BLOCK_K]
+        dp = dot(do, tl.trans(v), DOT)                           # [BLOCK_Q, BLOCK_K]
         ds = p * (dp - delta[:, None])                                  # [BLOCK_Q, BLOCK_K]
         if HAS_BIAS:
             tl.atomic_add(DBIAS + idx, ds, mask=vis, sem="relaxed")
-        dq = dot_acc(dq, ds, k, UPCAST_DOT)                             # [BLOCK_Q, BLOCK_D]
+        dq = dot_acc(dq, ds, k, DOT)                             # [BLOCK_Q, BLOCK_D]
         a, bb, c, ko, vo = next_tile(a, bb, c, ko, vo, walk, k_steps, v_steps, KH, KW)
 
     mt, mh, mw, _ = grid_rows(TAB, qt, qh, qw, q_ok, T, H, W, T2, H2, W2, TABLES)
     store_rows(DQ + b * sdq_b + hd * sdq_n, token_offsets(mt, mh, mw, sdq_t, sdq_h, sdq_w), q_ok,
-               offs_d, sdq_d, D, to_store(dq * scale, DQ.dtype.element_ty, UPCAST_DOT), EVEN_D)
+               offs_d, sdq_d, D, to_store(dq * scale, DQ.dtype.element_ty, DOT), EVEN_D)

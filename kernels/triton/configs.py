@@ -141,7 +141,7 @@ def device_arch(device) -> int:
 
 def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype,
                  arch: int = 90, causal: bool = False, options: Optional[Options] = None,
-                 bias: bool = False) -> Dict[str, LaunchConfig]:
+                 bias: bool = False, tf32: bool = False) -> Dict[str, LaunchConfig]:
     """Launch configs of the four kernels on ``arch`` (a capability such as 89, or a family);
     the report compiles exactly these.
 
@@ -155,12 +155,13 @@ def pick_configs(q_grid, kv_grid, extent, D: int, dtype: torch.dtype,
     bias, its int32 index and 64-bit addresses per score, and dQ's atomic adds of dS, cost
     ~100 registers per thread at 64 x 64: the table's tiles spilled (kernels/report.py: e.g.
     dQ bf16 head dim 64 on sm_90, 340 bytes; the forward at head dim 256 on sm_80, 100 bytes).
+    ``tf32``: float32 on TF32 tensor cores (``float32_tf32``), its own table entries.
     """
     q_grid, kv_grid, extent = tuple(q_grid), tuple(kv_grid), tuple(extent)
     block_d = block_d_for(D)
     causal, options = bool(causal), options or Options()
     tables = LAUNCH_TABLES if options.plain else WINDOW_LAUNCH_TABLES     # the kernels' table path
-    table = tables[arch_family(arch)]["fp32" if dtype == torch.float32 else "16bit"]
+    table = tables[arch_family(arch)][("tf32" if tf32 else "fp32") if dtype == torch.float32 else "16bit"]
     out = {}
     for kind in ("fwd", "dq"):
         e = _bias_rows(table[kind][block_d], kind, block_d, dtype, arch) if bias else table[kind][block_d]
@@ -194,6 +195,22 @@ def _bias_rows(entry, kind: str, block_d: int, dtype: torch.dtype, arch: int):
     return entry._replace(outer=outer, inner=max(16, entry.inner // 2))
 
 
-def upcast_dot(dtype: torch.dtype) -> bool:
-    """True only in the interpreter for bf16, whose tl.dot there returns garbage."""
-    return dtype == torch.bfloat16 and interpreter_enabled()
+def float32_tf32() -> bool:
+    """Whether PyTorch's own float32 matmuls on CUDA may use TF32 now: the setting the
+    kernels follow (``torch.backends.cuda.matmul.fp32_precision``, which also reflects
+    ``torch.backends.fp32_precision``, ``allow_tf32`` and ``set_float32_matmul_precision``
+    "high"/"medium"). Read at every launch: it is process-wide state a caller may change."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def dot_mode(dtype: torch.dtype, tf32: bool = False) -> str:
+    """The kernels' DOT (``jit.dot``): "upcast" for bf16 in the interpreter (its bf16 tl.dot
+    returns garbage); for float32 "tf32" where ``tf32`` (``float32_tf32``: TF32 tensor cores,
+    "tf32-interp" under the interpreter, which emulates them), else "ieee" (exact FMAs);
+    "ieee" for 16-bit inputs too, where it plays no part."""
+    if dtype == torch.bfloat16 and interpreter_enabled():
+        return "upcast"
+    if dtype == torch.float32 and tf32:
+        return "tf32-interp" if interpreter_enabled() else "tf32"
+    return "ieee"

@@ -26,7 +26,7 @@ def fwd_kernel(
     so_b, so_t, so_h, so_w, so_n, so_d,
     T, H, W, T2, H2, W2, ET, EH, EW, n_heads, group, RT, RH, RW, D, qk_scale,
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr, EVEN_D: tl.constexpr,
     WIDE_IDX: tl.constexpr, TABLES: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
     KEYS_INSIDE: tl.constexpr,
 ):
@@ -73,7 +73,7 @@ def fwd_kernel(
     for _ in range(0, n_iter):
         k, v = key_tile(a, bb, c, ko, vo, walk, K, V, (sk_t, sk_h, sk_w, sk_d), (sv_t, sv_h, sv_w, sv_d),
                         offs_d, D, H2, W2, KH, KW, EVEN_D, TABLES, KEYS_INSIDE)  # [BLOCK_K, BLOCK_D] each
-        s = dot(q, tl.trans(k), UPCAST_DOT)                             # [BLOCK_Q, BLOCK_K] unscaled
+        s = dot(q, tl.trans(k), DOT)                             # [BLOCK_Q, BLOCK_K] unscaled
         vis = key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL, TABLES)      # [BLOCK_Q, BLOCK_K]
         if HAS_BIAS:
             idx = b_rows[:, None] + (bias_cols(a, bb, c, RH, RW) + b_cols)[None, :]  # [BLOCK_Q, BLOCK_K]
@@ -88,7 +88,7 @@ def fwd_kernel(
             p = tl.math.exp2(s * qk_scale - m_new[:, None])             # [BLOCK_Q, BLOCK_K]
         alpha = tl.math.exp2(m_i - m_new)                               # [BLOCK_Q]
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = dot_acc(acc * alpha[:, None], p, v, UPCAST_DOT)           # [BLOCK_Q, BLOCK_D]
+        acc = dot_acc(acc * alpha[:, None], p, v, DOT)           # [BLOCK_Q, BLOCK_D]
         m_i = m_new
         a, bb, c, ko, vo = next_tile(a, bb, c, ko, vo, walk, k_steps, v_steps, KH, KW)
 
@@ -98,6 +98,6 @@ def fwd_kernel(
     out = acc / l_i[:, None]                                            # [BLOCK_Q, BLOCK_D]
     mt, mh, mw, r_grid = grid_rows(TAB, qt, qh, qw, q_ok, T, H, W, T2, H2, W2, TABLES)
     store_rows(O + b * so_b + hd * so_n, token_offsets(mt, mh, mw, so_t, so_h, so_w), q_ok,
-               offs_d, so_d, D, to_store(out, O.dtype.element_ty, UPCAST_DOT), EVEN_D)
+               offs_d, so_d, D, to_store(out, O.dtype.element_ty, DOT), EVEN_D)
     lse = (m_i + tl.math.log2(l_i)) * C_LN2                             # [BLOCK_Q] natural log
     tl.store(LSE + bh.to(tl.int64) * (T * H * W) + r_grid, lse, mask=q_ok)

@@ -197,26 +197,37 @@ def tile_mask(row_ok, r0, r1, c0, c1, jr, jc):
 
 
 @triton.jit
-def dot(a, b, UPCAST_DOT: tl.constexpr, acc=None):
+def to_tf32(x):
+    """float32 x rounded to TF32's 10 mantissa bits, to nearest even (what the tensor
+    cores' TF32 inputs keep), as float32: the interpreter's stand-in for a TF32 dot."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + (0xFFF + ((bits >> 13) & 1))) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def dot(a, b, DOT: tl.constexpr, acc=None):
     """acc + a @ b with float32 accumulation (acc=None: a fresh product).
 
-    UPCAST_DOT (interpreter + bf16 only): bf16 tl.dot is broken in the
-    interpreter; the operands are already rounded to bf16, so upcasting them is
-    exact and reproduces the GPU's bf16 x bf16 -> fp32 product.
+    DOT (``configs.dot_mode``) says how float32 operands multiply: "ieee" exactly on
+    FMAs (PyTorch's default float32 matmul precision), "tf32" on the tensor cores
+    (when PyTorch's own float32 matmuls may use TF32), "tf32-interp" the interpreter's
+    emulation of it (operands rounded to TF32, exact products). 16-bit operands take
+    the tensor cores' native dot, except "upcast" (interpreter + bf16 only): bf16
+    tl.dot is broken in the interpreter; the operands are already rounded to bf16,
+    so upcasting them is exact and reproduces the GPU's bf16 x bf16 -> fp32 product.
     """
-    if UPCAST_DOT:
+    if DOT == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif a.dtype == tl.float32:
-        # Exact float32 products on FMAs: what the interpreter (the tests) computes.
-        # tf32 misses the float32 tolerance; tf32x3 spilled from head dim 64 up
-        # (dK/dV, 64x16 tiles: 20 bytes; head dim 128: >= 36 bytes at 16x16).
-        return tl.dot(a, b, acc, input_precision="ieee")
+        if DOT == "tf32-interp":
+            return tl.dot(to_tf32(a), to_tf32(b), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=DOT)
     else:
         return tl.dot(a, b, acc)
 
 
 @triton.jit
-def dot_acc(acc, a32, b, UPCAST_DOT: tl.constexpr):
+def dot_acc(acc, a32, b, DOT: tl.constexpr):
     """acc + a32 @ b for a float32 tile a32 (P or dS) and b in the input dtype,
     accumulated in place (one accumulator layout, no temporary product tile).
 
@@ -232,21 +243,21 @@ def dot_acc(acc, a32, b, UPCAST_DOT: tl.constexpr):
     """
     if b.dtype == tl.bfloat16:
         hi32 = (a32.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        acc = dot(hi32.to(b.dtype), b, UPCAST_DOT, acc)
-        return dot((a32 - hi32).to(b.dtype), b, UPCAST_DOT, acc)
-    return dot(a32.to(b.dtype), b, UPCAST_DOT, acc)
+        acc = dot(hi32.to(b.dtype), b, DOT, acc)
+        return dot((a32 - hi32).to(b.dtype), b, DOT, acc)
+    return dot(a32.to(b.dtype), b, DOT, acc)
 
 
 @triton.jit
-def to_store(x, dtype: tl.constexpr, UPCAST_DOT: tl.constexpr):
+def to_store(x, dtype: tl.constexpr, DOT: tl.constexpr):
     """A float32 result in the output dtype, rounded to nearest even as the GPU's cast does.
 
-    UPCAST_DOT (interpreter + bf16): the interpreter's float32 -> bf16 cast truncates,
+    DOT "upcast" (interpreter + bf16): the interpreter's float32 -> bf16 cast truncates,
     which left outputs a whole bf16 ulp off (test_triton_windows.py, raster causal,
     dilated: error 0.0156 vs dense bf16's 0.0068); adding 0x7FFF plus the kept
     lowest bit to the bits first makes the truncation round to nearest even.
     """
-    if UPCAST_DOT:
+    if DOT == "upcast":
         bits = x.to(tl.uint32, bitcast=True)
         x = (bits + (0x7FFF + ((bits >> 16) & 1))).to(tl.float32, bitcast=True)
     return x.to(dtype)

@@ -52,7 +52,7 @@ import torch
 from nuwa3dna.kernels.env import interpreter_enabled
 from nuwa3dna.kernels.triton import configs, relayout
 from nuwa3dna.kernels.triton.backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
-from nuwa3dna.kernels.triton.configs import LaunchConfig, upcast_dot
+from nuwa3dna.kernels.triton.configs import LaunchConfig, dot_mode, float32_tf32
 from nuwa3dna.kernels.triton.forward import fwd_kernel
 from nuwa3dna.kernels.triton.jit import LOG2E
 from nuwa3dna.kernels.windows import Options
@@ -103,7 +103,8 @@ def _head_args(q, k, bias) -> list:
 def _configs(q, k, extent, arch, causal=False, options=None, bias=None) -> dict:
     check_index_range(q, k)
     return configs.pick_configs(tuple(q.shape[1:4]), tuple(k.shape[1:4]), extent, q.shape[-1], q.dtype,
-                                arch or configs.device_arch(q.device), causal, options, bias=bias is not None)
+                                arch or configs.device_arch(q.device), causal, options, bias=bias is not None,
+                                tf32=q.dtype == torch.float32 and float32_tf32())
 
 
 def window_table(q, k, extent, options: Optional[Options]):
@@ -126,7 +127,7 @@ def _meta(cfg: LaunchConfig, q, k, extent, causal: bool, tab, bias=None) -> dict
              if cfg.kernel == "dkdv" else
              dict(BT=cfg.q_tile[0], BH=cfg.q_tile[1], BW=cfg.q_tile[2], KH=cfg.k_tile[1], KW=cfg.k_tile[2]))
     # The table path does no window arithmetic (its tables hold positions), so never WIDE_IDX.
-    return dict(**tiles, BLOCK_D=cfg.block_d, CAUSAL=causal, UPCAST_DOT=upcast_dot(q.dtype),
+    return dict(**tiles, BLOCK_D=cfg.block_d, CAUSAL=causal, DOT=dot_mode(q.dtype, float32_tf32()),
                 EVEN_D=_even_d(cfg, q.shape[-1]),
                 WIDE_IDX=tab is None and needs_wide_index(q.shape[1:4], k.shape[1:4], extent),
                 TABLES=tab is not None, GROUPED=k.shape[4] != q.shape[4], HAS_BIAS=bias is not None,

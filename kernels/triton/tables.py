@@ -131,18 +131,29 @@ _W16_SM120 = _but(_T16_SM120, fwd={16: (64, 64, 4, 1), 64: (64, 32, 4, 1)}, dq={
 _W32_SM120 = _but(_T32_SM120, fwd={128: (16, 16, 8, 1)},
                   dq={32: (64, 32, 4, 1), 128: (32, 16, 8, 1), 256: (16, 16, 8, 2)}, dkdv={32: (64, 16, 4, 1)})
 
+# float32 on TF32 tensor cores (``configs.float32_tf32``): the float32 tiles (mma.sync, 16-32
+# rows), but where the TF32 fragments spilled (the AOT report's tf32 rows: 7 of 308, 8-36 B).
+_TF32 = {80: _but(_T32_SM80, fwd={128: (32, 16, 8, 1)},
+                 dkdv={128: (16, 16, 4, 1, True), 256: (16, 16, 4, 1, True)}),
+         86: _but(_T32_SM86, dkdv={256: (16, 16, 8, 1, True)}),
+         90: _T32_SM90,
+         100: _but(_T32_SM100, fwd={16: (32, 16, 4, 2)}),
+         120: _T32_SM120}
+_WTF32 = {80: _but(_W32_SM80, fwd={64: (32, 16, 4, 2)}), 86: _W32_SM86, 90: _W32_SM90, 100: _W32_SM100,
+          120: _W32_SM120}
+
 LAUNCH_TABLES: Mapping[int, Mapping[str, Mapping[str, Mapping[int, Entry]]]] = _freeze({
-    80: {"16bit": _T16_SM80, "fp32": _T32_SM80},
-    86: {"16bit": _T16_SM86, "fp32": _T32_SM86},
-    90: {"16bit": _T16_SM90, "fp32": _T32_SM90},
-    100: {"16bit": _T16_SM100, "fp32": _T32_SM100},
-    120: {"16bit": _T16_SM120, "fp32": _T32_SM120},
+    80: {"16bit": _T16_SM80, "fp32": _T32_SM80, "tf32": _TF32[80]},
+    86: {"16bit": _T16_SM86, "fp32": _T32_SM86, "tf32": _TF32[86]},
+    90: {"16bit": _T16_SM90, "fp32": _T32_SM90, "tf32": _TF32[90]},
+    100: {"16bit": _T16_SM100, "fp32": _T32_SM100, "tf32": _TF32[100]},
+    120: {"16bit": _T16_SM120, "fp32": _T32_SM120, "tf32": _TF32[120]},
 })
 # The same families for the table path (``configs.pick_configs`` with v2 window options).
 WINDOW_LAUNCH_TABLES: Mapping[int, Mapping[str, Mapping[str, Mapping[int, Entry]]]] = _freeze({
-    80: {"16bit": _W16_SM80, "fp32": _W32_SM80},
-    86: {"16bit": _W16_SM86, "fp32": _W32_SM86},
-    90: {"16bit": _W16_SM90, "fp32": _W32_SM90},
-    100: {"16bit": _W16_SM100, "fp32": _W32_SM100},
-    120: {"16bit": _W16_SM120, "fp32": _W32_SM120},
+    80: {"16bit": _W16_SM80, "fp32": _W32_SM80, "tf32": _WTF32[80]},
+    86: {"16bit": _W16_SM86, "fp32": _W32_SM86, "tf32": _WTF32[86]},
+    90: {"16bit": _W16_SM90, "fp32": _W32_SM90, "tf32": _WTF32[90]},
+    100: {"16bit": _W16_SM100, "fp32": _W32_SM100, "tf32": _WTF32[100]},
+    120: {"16bit": _W16_SM120, "fp32": _W32_SM120, "tf32": _WTF32[120]},
 })
