@@ -16,7 +16,7 @@ import triton.language as tl
 from nuwa3dna.kernels.triton.jit import (
     C_LOG2E, RUNTIME_SIZES, axis_tables, dot, dot_acc, load_rows, program_tile, query_range, store_rows, tile_coords,
     tile_mask, to_store, token_offsets)
-from nuwa3dna.kernels.triton.walk import grid_rows, key_mask, key_tile, keys_inside_rule, next_tile, query_walk, \
+from nuwa3dna.kernels.triton.walk import grid_rows, key_mask, key_tile, next_tile, query_walk, \
     tile_origin, walk_steps
 from nuwa3dna.kernels.triton.extras import (
     EXTRA_SIZES, bias_cols, bias_tile, key_bias_cols, kv_head, query_bias_rows)
@@ -270,7 +270,6 @@ def bwd_dkdv_kernel(
                    offs_d, sdv_d, D, to_store(dv, DV.dtype.element_ty, DOT), EVEN_D)
 
 
-@triton.heuristics({"KEYS_INSIDE": keys_inside_rule})
 @triton.jit(do_not_specialize=RUNTIME_SIZES + EXTRA_SIZES)
 def bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, TAB, BIAS, DBIAS,
@@ -288,6 +287,7 @@ def bwd_dq_kernel(
     """dQ of one 3D query tile: walks the same key box and 1 x KH x KW key tiles as the forward
     (TABLES and TAB, GROUPED and group, HAS_BIAS and BIAS as there).
 
+    KEYS_INSIDE as the forward's (unmasked key loads).
     HAS_BIAS: also the bias's gradient, dS summed per (query head, table entry) into DBIAS
     (float32 (heads, 2RT+1, 2RH+1, 2RW+1) contiguous, zeroed) by one relaxed atomic add per
     visible score. Why: the bias gradient is a scatter (every score adds to the entry of its

@@ -12,11 +12,10 @@ import triton.language as tl
 from nuwa3dna.kernels.triton.extras import EXTRA_SIZES, bias_cols, bias_tile, key_bias_cols, kv_head, query_bias_rows
 from nuwa3dna.kernels.triton.jit import C_LN2, C_NEG_BIG, RUNTIME_SIZES, dot, dot_acc, load_rows, store_rows, to_store, \
     token_offsets
-from nuwa3dna.kernels.triton.walk import grid_rows, key_mask, key_tile, keys_inside_rule, next_tile, query_walk, \
+from nuwa3dna.kernels.triton.walk import grid_rows, key_mask, key_tile, next_tile, query_walk, \
     tile_origin, walk_steps
 
 
-@triton.heuristics({"KEYS_INSIDE": keys_inside_rule})
 @triton.jit(do_not_specialize=RUNTIME_SIZES + EXTRA_SIZES)
 def fwd_kernel(
     Q, K, V, O, LSE, TAB, BIAS,
@@ -41,8 +40,8 @@ def fwd_kernel(
     GROUPED: K, V have heads / group heads, query head h reads kv head h // group.
     HAS_BIAS: BIAS (heads, 2RT+1, 2RH+1, 2RW+1) contiguous, added to each window key's
     score (``extras``), else None.
-    KEYS_INSIDE (set at launch, ``walk.keys_inside_rule``): every walked key tile lies
-    inside the key grid, so key loads are unmasked.
+    KEYS_INSIDE (the launcher's ``plan.keys_inside``): every walked key tile lies inside
+    the key grid, so key loads are unmasked.
     Grid: (B * heads * cdiv(T, BT) * cdiv(H, BH) * cdiv(W, BW),); consecutive
     programs are neighbouring query tiles of one (batch, head), whose key boxes
     overlap, so K/V are reused from L2.

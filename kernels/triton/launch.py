@@ -50,7 +50,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Tuple
 import torch
 
 from nuwa3dna.kernels.env import interpreter_enabled
-from nuwa3dna.kernels.triton import configs, relayout
+from nuwa3dna.kernels.triton import configs, plan, relayout
 from nuwa3dna.kernels.triton.backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from nuwa3dna.kernels.triton.configs import LaunchConfig, dot_mode, float32_tf32
 from nuwa3dna.kernels.triton.forward import fwd_kernel
@@ -100,11 +100,16 @@ def _head_args(q, k, bias) -> list:
     return [q.shape[4] // k.shape[4], *bias_radii(bias)]
 
 
+def _tf32(q) -> bool:
+    """float32 inputs on TF32 tensor cores: PyTorch's float32 matmul setting (``configs.float32_tf32``)."""
+    return q.dtype == torch.float32 and float32_tf32()
+
+
 def _configs(q, k, extent, arch, causal=False, options=None, bias=None) -> dict:
     check_index_range(q, k)
     return configs.pick_configs(tuple(q.shape[1:4]), tuple(k.shape[1:4]), extent, q.shape[-1], q.dtype,
                                 arch or configs.device_arch(q.device), causal, options, bias=bias is not None,
-                                tf32=q.dtype == torch.float32 and float32_tf32())
+                                tf32=_tf32(q))
 
 
 def window_table(q, k, extent, options: Optional[Options]):
@@ -126,8 +131,11 @@ def _meta(cfg: LaunchConfig, q, k, extent, causal: bool, tab, bias=None) -> dict
     tiles = (dict(BH=cfg.q_tile[1], BW=cfg.q_tile[2], KT=cfg.k_tile[0], KH=cfg.k_tile[1], KW=cfg.k_tile[2])
              if cfg.kernel == "dkdv" else
              dict(BT=cfg.q_tile[0], BH=cfg.q_tile[1], BW=cfg.q_tile[2], KH=cfg.k_tile[1], KW=cfg.k_tile[2]))
+    if cfg.kernel != "dkdv":    # the forward and dQ walk: are all its key tiles inside the grid?
+        tiles["KEYS_INSIDE"] = tab is None and plan.keys_inside(
+            tuple(q.shape[1:4]), tuple(k.shape[1:4]), tuple(extent), cfg.q_tile, cfg.k_tile)
     # The table path does no window arithmetic (its tables hold positions), so never WIDE_IDX.
-    return dict(**tiles, BLOCK_D=cfg.block_d, CAUSAL=causal, DOT=dot_mode(q.dtype, float32_tf32()),
+    return dict(**tiles, BLOCK_D=cfg.block_d, CAUSAL=causal, DOT=dot_mode(q.dtype, _tf32(q)),
                 EVEN_D=_even_d(cfg, q.shape[-1]),
                 WIDE_IDX=tab is None and needs_wide_index(q.shape[1:4], k.shape[1:4], extent),
                 TABLES=tab is not None, GROUPED=k.shape[4] != q.shape[4], HAS_BIAS=bias is not None,
@@ -284,11 +292,12 @@ def plan_key(kind: str, q, k, extent, causal: bool = False, options: Optional[Op
              bias=None, arch: Optional[int] = None) -> tuple:
     """What a plan depends on: shapes (not strides: they are passed per call), dtype,
     device, extent, flags, bias shape, ``arch`` as given (None: the device's), the
-    interpreter flag (``configs.upcast_dot``) and, by identity, the functions a plan is built
-    from, so a replaced one (tests/conftest.py's ``small_tiles``, an sm_80 ``device_arch``,
-    a corrupted ``relayout.packed`` in tests/test_bounds.py) gets its own plans, never a stale one."""
+    interpreter flag and PyTorch's TF32 setting (``configs.dot_mode``; read per call, since a
+    caller may change it) and, by identity, the functions a plan is built from, so a replaced
+    one (tests/conftest.py's ``small_tiles``, an sm_80 ``device_arch``, a corrupted
+    ``relayout.packed`` in tests/test_bounds.py) gets its own plans, never a stale one."""
     return (kind, q.shape, k.shape, q.dtype, q.device, tuple(extent), causal, options,
-            None if bias is None else bias.shape, arch, interpreter_enabled(),
+            None if bias is None else bias.shape, arch, interpreter_enabled(), _tf32(q),
             configs.pick_configs, configs.device_arch, relayout.packed)
 
 

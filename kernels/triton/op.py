@@ -32,10 +32,9 @@ different device "cpu""); ``torch.compile(fullgraph=True)`` failed with both the
 aot_eager and inductor backends ("Dynamo failed to run FX node with fake tensors:
 ... Cannot access data pointer of Tensor (e.g. FakeTensor, FunctionalTensor)"). So on
 this machine a ``triton_op`` would break tests/test_compile.py's opcheck of these ops
-and could not be tested under compile at all. Also, off the interpreter, ``wrap_triton``
-accepts only ``triton.jit`` and ``triton.autotune`` kernels and refuses a
-``triton.heuristics`` one ("wrap_triton only works on functions annotated with
-triton.jit or triton.autotune"). What a GPU session should try: benchmarks/NOTES.md,
+and could not be tested under compile at all. (Off the interpreter ``wrap_triton`` accepts
+only ``triton.jit`` and ``triton.autotune`` kernels, which ours are: the launchers set every
+flag, KEYS_INSIDE included, in the launch plan.) What a GPU session should try: benchmarks/NOTES.md,
 "Launch-plan cache (issue 12 item 7)".
 
 As custom ops the kernels are opaque to Inductor but can be captured in CUDA graphs

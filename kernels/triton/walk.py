@@ -15,18 +15,6 @@ import triton.language as tl
 
 from nuwa3dna.kernels.triton.jit import axis_tables, centre, load_rows, program_tile, tile_coords, tile_mask, \
     token_offsets, window
-from nuwa3dna.kernels.triton.plan import keys_inside
-
-
-def keys_inside_rule(args) -> bool:
-    """The forward and dQ kernels' KEYS_INSIDE, from their launch arguments (a
-    ``triton.heuristics`` rule): plain windows whose walked key tiles all lie inside the
-    key grid (``plan.keys_inside``), so key loads need no mask."""
-    if args["TABLES"]:
-        return False
-    return keys_inside((args["T"], args["H"], args["W"]), (args["T2"], args["H2"], args["W2"]),
-                       (args["ET"], args["EH"], args["EW"]), (args["BT"], args["BH"], args["BW"]),
-                       (1, args["KH"], args["KW"]))
 
 
 @triton.jit
