@@ -9,7 +9,8 @@ interpreted kernels cannot be compiled). ``--quick`` covers the gpu-large
 workload at head dims 64 and 128, the long-axis grid (int64 window
 arithmetic) at 64 and the table path of the v2 window options (cpu-mid-dilation,
 nuwa-video-stride: raster causal) at 64, and gpu-large with 2 kv heads and a relative
-position bias (the GROUPED and HAS_BIAS kernels) at 64, in fp16, bf16 and fp32; the full table
+position bias (the GROUPED and HAS_BIAS kernels) at 64, in fp16, bf16 and fp32, and gpu-large at 64
+with float32 on TF32 tensor cores; the full table
 (head dims 16..256, causal nuwa-video, the table path at 64..256) is
 ``python -m nuwa3dna.kernels.report``. Compiles are
 cached by Triton (and ptxas results by the report), so only the first run
@@ -53,6 +54,7 @@ def test_every_kernel_compiled(rows):
             for dtype in ("fp16", "bf16", "fp32"):
                 for arch in ARCHS:
                     assert (wl, kernel, D, dtype, arch) in seen
+    assert all(("gpu-large", kernel, 64, "tf32", arch) in seen for kernel in MATMUL_KERNELS for arch in ARCHS)
     assert all(r["wide_idx"] == (r["workload"] == "long-axis") for r in rows if r["kernel"] != "preprocess")
     assert all(r["tables"] == (r["workload"] in TABLE_WORKLOADS) for r in rows if r["kernel"] != "preprocess")
 
@@ -67,10 +69,13 @@ def test_no_spills_and_shared_memory_fits(rows):
 
 def test_matrix_instructions(rows):
     """16-bit dots: wgmma on sm_90 and tcgen05 on sm_100 (except the 32-row dK/dV passes
-    at head dim 256: mma.sync), mma.sync on sm_80/86/89/120; float32 dots are exact FMAs."""
+    at head dim 256: mma.sync), mma.sync on sm_80/86/89/120; float32 dots are exact FMAs,
+    or tensor-core MMAs with PyTorch's TF32 setting ("tf32" rows)."""
     for r in rows:
         if r["kernel"] == "preprocess" or r["dtype"] == "fp32":
             assert r["mma"] == "none", r
+        elif r["dtype"] == "tf32":   # float32 on TF32 tensor cores: 16-32-row tiles, mostly mma.sync
+            assert r["mma"] in ("mma.sync", "tcgen05"), r
         elif r["arch"] == "sm_100" and ":" not in r["kernel"]:
             # tcgen05 wants >= 64 rows per program: the 32-row tiles (dK/dV at head dim 256,
             # the halved bias tiles of configs._bias_rows) fall back to mma.sync

@@ -13,13 +13,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from nuwa3dna.kernels.triton.extras import (
+    EXTRA_SIZES, bias_cols, bias_tile, key_bias_cols, kv_head, query_bias_rows)
 from nuwa3dna.kernels.triton.jit import (
     C_LOG2E, RUNTIME_SIZES, axis_tables, dot, dot_acc, load_rows, program_tile, query_range, store_rows, tile_coords,
     tile_mask, to_store, token_offsets)
-from nuwa3dna.kernels.triton.walk import grid_rows, key_mask, key_tile, next_tile, query_walk, \
-    tile_origin, walk_steps
-from nuwa3dna.kernels.triton.extras import (
-    EXTRA_SIZES, bias_cols, bias_tile, key_bias_cols, kv_head, query_bias_rows)
+from nuwa3dna.kernels.triton.walk import grid_rows, key_mask, key_tile, next_tile, query_walk
 
 
 @triton.jit(do_not_specialize=("T", "H", "W", "n_heads"))
@@ -320,9 +319,6 @@ def bwd_dq_kernel(
     hk = kv_head(hd, group, GROUPED)
     K += b * sk_b + hk * sk_n
     V += b * sv_b + hk * sv_n
-    ko, vo = tile_origin(a, bb, c, sk_t, sk_h, sk_w), tile_origin(a, bb, c, sv_t, sv_h, sv_w)
-    k_steps = walk_steps(walk, sk_t, sk_h, sk_w, KH, KW, TABLES)
-    v_steps = walk_steps(walk, sv_t, sv_h, sv_w, KH, KW, TABLES)
     if HAS_BIAS:
         n_bias = (2 * RT + 1) * (2 * RH + 1) * (2 * RW + 1)
         BIAS += hd * n_bias
@@ -333,7 +329,7 @@ def bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)                       # [BLOCK_Q, BLOCK_D]
     for _ in range(0, n_iter):
-        k, v = key_tile(a, bb, c, ko, vo, walk, K, V, (sk_t, sk_h, sk_w, sk_d), (sv_t, sv_h, sv_w, sv_d),
+        k, v = key_tile(a, bb, c, walk, K, V, (sk_t, sk_h, sk_w, sk_d), (sv_t, sv_h, sv_w, sv_d),
                         offs_d, D, H2, W2, KH, KW, EVEN_D, TABLES, KEYS_INSIDE)  # [BLOCK_K, BLOCK_D] each
         vis = key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL, TABLES)      # [BLOCK_Q, BLOCK_K]
         s = dot(q, tl.trans(k), DOT) * qk_scale                  # [BLOCK_Q, BLOCK_K]
@@ -346,7 +342,7 @@ def bwd_dq_kernel(
         if HAS_BIAS:
             tl.atomic_add(DBIAS + idx, ds, mask=vis, sem="relaxed")
         dq = dot_acc(dq, ds, k, DOT)                             # [BLOCK_Q, BLOCK_D]
-        a, bb, c, ko, vo = next_tile(a, bb, c, ko, vo, walk, k_steps, v_steps, KH, KW)
+        a, bb, c = next_tile(a, bb, c, walk, KH, KW)
 
     mt, mh, mw, _ = grid_rows(TAB, qt, qh, qw, q_ok, T, H, W, T2, H2, W2, TABLES)
     store_rows(DQ + b * sdq_b + hd * sdq_n, token_offsets(mt, mh, mw, sdq_t, sdq_h, sdq_w), q_ok,

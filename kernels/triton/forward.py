@@ -12,8 +12,7 @@ import triton.language as tl
 from nuwa3dna.kernels.triton.extras import EXTRA_SIZES, bias_cols, bias_tile, key_bias_cols, kv_head, query_bias_rows
 from nuwa3dna.kernels.triton.jit import C_LN2, C_NEG_BIG, RUNTIME_SIZES, dot, dot_acc, load_rows, store_rows, to_store, \
     token_offsets
-from nuwa3dna.kernels.triton.walk import grid_rows, key_mask, key_tile, next_tile, query_walk, \
-    tile_origin, walk_steps
+from nuwa3dna.kernels.triton.walk import grid_rows, key_mask, key_tile, next_tile, query_walk
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES + EXTRA_SIZES)
@@ -57,9 +56,6 @@ def fwd_kernel(
     hk = kv_head(hd, group, GROUPED)
     K += b * sk_b + hk * sk_n
     V += b * sv_b + hk * sv_n
-    ko, vo = tile_origin(a, bb, c, sk_t, sk_h, sk_w), tile_origin(a, bb, c, sv_t, sv_h, sv_w)
-    k_steps = walk_steps(walk, sk_t, sk_h, sk_w, KH, KW, TABLES)
-    v_steps = walk_steps(walk, sv_t, sv_h, sv_w, KH, KW, TABLES)
     if HAS_BIAS:
         BIAS += hd * ((2 * RT + 1) * (2 * RH + 1) * (2 * RW + 1))
         b_rows = query_bias_rows(qt, qh, qw, q_ok, q_ok, T, H, W, T2, H2, W2, RT, RH, RW, TAB, WIDE_IDX,
@@ -70,7 +66,7 @@ def fwd_kernel(
     l_i = tl.zeros([BLOCK_Q], tl.float32)                               # [BLOCK_Q] running sum
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)                      # [BLOCK_Q, BLOCK_D]
     for _ in range(0, n_iter):
-        k, v = key_tile(a, bb, c, ko, vo, walk, K, V, (sk_t, sk_h, sk_w, sk_d), (sv_t, sv_h, sv_w, sv_d),
+        k, v = key_tile(a, bb, c, walk, K, V, (sk_t, sk_h, sk_w, sk_d), (sv_t, sv_h, sv_w, sv_d),
                         offs_d, D, H2, W2, KH, KW, EVEN_D, TABLES, KEYS_INSIDE)  # [BLOCK_K, BLOCK_D] each
         s = dot(q, tl.trans(k), DOT)                             # [BLOCK_Q, BLOCK_K] unscaled
         vis = key_mask(walk, a, bb, c, ET, H2, W2, CAUSAL, TABLES)      # [BLOCK_Q, BLOCK_K]
@@ -89,7 +85,7 @@ def fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = dot_acc(acc * alpha[:, None], p, v, DOT)           # [BLOCK_Q, BLOCK_D]
         m_i = m_new
-        a, bb, c, ko, vo = next_tile(a, bb, c, ko, vo, walk, k_steps, v_steps, KH, KW)
+        a, bb, c = next_tile(a, bb, c, walk, KH, KW)
 
     # Every query on the grid sees at least one key (its centre; its stride leader), so l_i > 0 there;
     # rows off the grid (l_i = 0) are never stored: 1 keeps them finite.

@@ -92,14 +92,15 @@ _T32_SM80 = {
 # sm_86 / sm_89 (99 KiB): the sm_80 table but where it does not fit or spills.
 # Head dim 256 16-bit dQ at 64 x 32 needs 102,400 B over 2 stages: 1 stage. Triton
 # vectorises differently from sm_80 here (its SLP vectoriser is off only for
-# sm_80), so two float32 entries spilled: 8 warps for the forward at 128, 4 for
-# the dK/dV passes at 256.
+# sm_80), so two float32 entries spilled: 8 warps and 16 owned rows for the forward at 128
+# (32 rows: 20 B after the forward loop's rewrite), 4 warps for the dK/dV passes at 256.
 _T16_SM86 = _but(_T16_SM80, dq={256: (64, 32, 8, 1)})
-_T32_SM86 = _but(_T32_SM80, fwd={128: (32, 16, 8, 1)}, dkdv={256: (16, 16, 4, 1, True)})
+_T32_SM86 = _but(_T32_SM80, fwd={128: (16, 16, 8, 1)}, dkdv={256: (16, 16, 4, 1, True)})
 # sm_100 (tcgen05, 227 KiB): the sm_90 tiles, but the 16-bit forward at 64 in 2 stages (3
 # spilled 8 B with the exact planner's 1x8x8 / 1x8x8 tiles on nuwa-video), and below.
 _T16_SM100 = _but(_T16_SM90, fwd={64: (64, 64, 4, 2)})
-_T32_SM100 = _but(_T32_SM90, dq={64: (32, 16, 4, 2)})   # 32 x 32: 16 B spilled on nuwa-video
+# dQ at 64, 32 x 32: 16 B spilled on nuwa-video; at 128, 2 stages: 24 B on gpu-large.
+_T32_SM100 = _but(_T32_SM90, dq={64: (32, 16, 4, 2), 128: (32, 16, 4, 1)})
 # sm_120 (mma.sync, 99 KiB): the sm_86 table; its Blackwell pipeline spilled the
 # 16-bit dQ at head dim 64 with 64 x 64 tiles (148 B) and the float32 forward at
 # 64 with 4 warps (52 B).
@@ -115,11 +116,12 @@ _T32_SM120 = _but(_T32_SM86, fwd={16: (64, 16, 4, 2), 64: (64, 16, 8, 2)})   # 1
 # owned rows replaces the entry (ptxas caps some of these kernels' registers below 255,
 # e.g. 168 at 4 warps on sm_86, so the winner is not always the smallest tile).
 _W16_SM80 = _but(_T16_SM80, fwd={16: (64, 64, 4, 1), 64: (64, 32, 4, 1)},
-                 dq={64: (64, 32, 4, 1), 128: (64, 32, 4, 1), 256: (64, 32, 8, 1)}, dkdv={256: (32, 16, 8, 1, True)})
+                 dq={32: (64, 64, 4, 2), 64: (64, 32, 4, 1), 128: (64, 32, 4, 1), 256: (64, 32, 8, 1)},
+                 dkdv={256: (32, 16, 8, 1, True)})
 _W32_SM80 = _but(_T32_SM80, fwd={16: (64, 16, 4, 2), 32: (64, 32, 4, 1), 128: (32, 16, 8, 1)},
                  dq={32: (64, 32, 4, 1), 128: (32, 16, 8, 1)})
 _W16_SM86 = _but(_T16_SM86, fwd={16: (64, 64, 4, 1)}, dq={16: (64, 64, 4, 1)})
-_W32_SM86 = _but(_T32_SM86, fwd={64: (64, 16, 8, 1)}, dq={32: (64, 32, 4, 1), 256: (16, 16, 8, 2)},
+_W32_SM86 = _but(_T32_SM86, fwd={16: (64, 32, 4, 1), 64: (64, 16, 8, 1)}, dq={32: (64, 32, 4, 1), 256: (16, 16, 8, 2)},
                  dkdv={32: (64, 16, 8, 1), 128: (16, 16, 4, 1, True)})
 # sm_90 16-bit at head dim 256: 32 owned rows (mma.sync, not wgmma); 64 spilled at any stages and warps.
 _W16_SM90 = _but(_T16_SM90, fwd={256: (32, 16, 4, 1)}, dq={256: (32, 16, 4, 1)})

@@ -4,9 +4,8 @@ and values (``key_tile``) and their visibility (``key_mask``).
 
 Plain windows compute the box in closed form, the table path (TABLES, v2 window
 options) reads it from the window tables (``jit`` module docstring). The loop
-carries the tile's (frame, row, column) and its origin offsets into K and V, so an
-iteration does no division and no int64 product (sm_90 SASS, gpu-large bf16 forward:
-740 instructions per iteration before, 517 after, for 12 HGMMA).
+carries the tile's (frame, row, column), so an iteration does no division (sm_90 SASS,
+gpu-large bf16 forward: 740 instructions per iteration before, 539 after, for 12 HGMMA).
 """
 from __future__ import annotations
 
@@ -129,42 +128,19 @@ def grid_rows(TAB, qt, qh, qw, q_ok, T, H, W, T2, H2, W2, TABLES: tl.constexpr):
 
 
 @triton.jit
-def tile_origin(a, bb, c, s_t, s_h, s_w):
-    """int64 element offset of key (a, bb, c): the walk's first tile, before the loop."""
-    return token_offsets(a, bb, c, s_t, s_h, s_w)
-
-
-@triton.jit
-def walk_steps(walk, s_t, s_h, s_w, KH: tl.constexpr, KW: tl.constexpr, TABLES: tl.constexpr):
-    """int64 steps of a key tile's origin offset (``next_tile``): to the next column tile,
-    to the next row tile (from the row's last column tile), to the next frame (from its
-    last tile). TABLES reads each row through the tables, so its steps are 0."""
-    b_lo, c_lo, b_end, c_end, f_lo, f_hi, h_lo, h_hi, w_lo, w_hi, rq, jh, jw, jhw, keys = walk
-    if TABLES:
-        return tl.zeros([], tl.int64), tl.zeros([], tl.int64), tl.zeros([], tl.int64)
-    back_w = (c_end - KW - c_lo).to(tl.int64) * s_w                    # last column tile -> first
-    back_h = (b_end - KH - b_lo).to(tl.int64) * s_h                    # last row tile -> first
-    return (tl.full([], KW, tl.int64) * s_w, tl.full([], KH, tl.int64) * s_h - back_w,
-            s_t.to(tl.int64) - back_h - back_w)
-
-
-@triton.jit
-def next_tile(a, bb, c, ko, vo, walk, k_steps, v_steps, KH: tl.constexpr, KW: tl.constexpr):
-    """The key tile after (a, bb, c) in the walk's raster order (columns, rows, frames), with
-    its origin offsets into K and V (``walk_steps``)."""
+def next_tile(a, bb, c, walk, KH: tl.constexpr, KW: tl.constexpr):
+    """The key tile after (a, bb, c) in the walk's raster order (columns, rows, frames)."""
     b_lo, c_lo, b_end, c_end, f_lo, f_hi, h_lo, h_hi, w_lo, w_hi, rq, jh, jw, jhw, keys = walk
     c = c + KW
     row_done = c >= c_end
     c = tl.where(row_done, c_lo, c)
     bb = tl.where(row_done, bb + KH, bb)
     frame_done = bb >= b_end
-    ko += tl.where(frame_done, k_steps[2], tl.where(row_done, k_steps[1], k_steps[0]))
-    vo += tl.where(frame_done, v_steps[2], tl.where(row_done, v_steps[1], v_steps[0]))
-    return tl.where(frame_done, a + 1, a), tl.where(frame_done, b_lo, bb), c, ko, vo
+    return tl.where(frame_done, a + 1, a), tl.where(frame_done, b_lo, bb), c
 
 
 @triton.jit
-def key_tile(a, bb, c, ko, vo, walk, K, V, sk, sv, offs_d, D, H2, W2, KH: tl.constexpr, KW: tl.constexpr,
+def key_tile(a, bb, c, walk, K, V, sk, sv, offs_d, D, H2, W2, KH: tl.constexpr, KW: tl.constexpr,
              EVEN_D: tl.constexpr, TABLES: tl.constexpr, KEYS_INSIDE: tl.constexpr):
     """Keys and values of the walk's key tile at frame a, first row bb and column c
     (re-laid with TABLES), [BLOCK_K, BLOCK_D] each (0 off the grid), read at their
@@ -173,8 +149,10 @@ def key_tile(a, bb, c, ko, vo, walk, K, V, sk, sv, offs_d, D, H2, W2, KH: tl.con
     K, V point at the (batch, head); sk, sv are their (t, h, w, d) strides. One
     flat loop over (frame, row tile, column tile) is one software-pipelined loop
     on the GPU, and no partial mask is hoisted out of inner loops into registers.
-    Plain windows: ko, vo are the tile's origin offsets (``next_tile`` steps them), and
-    a row adds its place in the tile (loop-invariant): no int64 product per iteration.
+    Plain windows: a row's offset is the tile origin's (scalar int64 products, once per
+    iteration) plus its place in the tile (loop-invariant). Carrying the origin offsets
+    across iterations instead saved 22 of 539 instructions per iteration but took ptxas
+    from 182 to 221 registers at gpu-large and spilled 8-24 B in 8 more AOT configs.
     KEYS_INSIDE (plain windows): every walked tile lies inside the grid, so the loads
     are unmasked (24 of 541 SASS instructions per iteration at gpu-large, sm_90).
     """
@@ -188,8 +166,10 @@ def key_tile(a, bb, c, ko, vo, walk, K, V, sk, sv, offs_d, D, H2, W2, KH: tl.con
         k_rows = token_offsets(ma, mh, mw, sk[0], sk[1], sk[2])         # [BLOCK_K]
         v_rows = token_offsets(ma, mh, mw, sv[0], sv[1], sv[2])         # [BLOCK_K]
     else:
-        k_rows = ko + (jh.to(tl.int64) * sk[1] + jw.to(tl.int64) * sk[2])  # [BLOCK_K]
-        v_rows = vo + (jh.to(tl.int64) * sv[1] + jw.to(tl.int64) * sv[2])  # [BLOCK_K]
+        k_rows = token_offsets(a, bb, c, sk[0], sk[1], sk[2]) \
+            + (jh.to(tl.int64) * sk[1] + jw.to(tl.int64) * sk[2])        # [BLOCK_K]
+        v_rows = token_offsets(a, bb, c, sv[0], sv[1], sv[2]) \
+            + (jh.to(tl.int64) * sv[1] + jw.to(tl.int64) * sv[2])        # [BLOCK_K]
     k = load_rows(K, k_rows, k_ok, offs_d, sk[3], D, EVEN_D, KEYS_INSIDE)  # [BLOCK_K, BLOCK_D]
     v = load_rows(V, v_rows, k_ok, offs_d, sv[3], D, EVEN_D, KEYS_INSIDE)  # [BLOCK_K, BLOCK_D]
     return k, v
