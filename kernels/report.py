@@ -24,7 +24,13 @@ The exit status is 1 if any config spills or exceeds its shared memory.
 
 ``--perf`` prints the static performance model instead (kernels/perf.py: per
 workload, pass and architecture the computed and visible score pairs, useful %,
-bytes, and the predicted and roofline times; no compilation).
+HBM and L2 bytes, and the predicted and roofline times; no compilation);
+``--compile`` adds each kernel's registers, spills, shared memory and CTAs per SM
+(kernels/occupancy.py), ``--sass`` also the forward loop's SASS instructions per MMA.
+
+The "tf32" rows compile float32 with PyTorch's float32 matmul precision set to TF32
+(which the launchers follow: TF32 tensor cores) on the GPU workloads at every head dim
+and the table path at 64 (``TF32_PAIRS``).
 
 Specialisation mirrors a real launch: arguments go through Triton's own
 ``native_specialize_impl`` with each parameter's do_not_specialize flags, on

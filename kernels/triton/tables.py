@@ -51,8 +51,11 @@ SMEM_PER_BLOCK: Mapping[int, int] = MappingProxyType(
 _T16_SM90 = {
     "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 3),
             256: (64, 16, 4, 2)},
+    # dQ at 256: 32 rows in 1 stage (mma.sync, as the table path): after the forward/dQ loop
+    # rewrite (issue 12 item 5) 64 rows spilled 8 B in bf16 at 2 stages, 80-112 B at 1, and 32
+    # rows 16 B in fp16 at 2.
     "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 2),
-           256: (64, 16, 4, 2)},
+           256: (32, 16, 4, 1)},
     # Head dim 256: dK and dV accumulators (2 x 64x256 fp32) exceed one warpgroup's
     # registers, so two passes of 32 key rows (mma.sync, no wgmma at M = 32).
     "dkdv": {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (64, 16, 4, 2),
@@ -98,7 +101,7 @@ _T16_SM86 = _but(_T16_SM80, dq={256: (64, 32, 8, 1)})
 _T32_SM86 = _but(_T32_SM80, fwd={128: (16, 16, 8, 1)}, dkdv={256: (16, 16, 4, 1, True)})
 # sm_100 (tcgen05, 227 KiB): the sm_90 tiles, but the 16-bit forward at 64 in 2 stages (3
 # spilled 8 B with the exact planner's 1x8x8 / 1x8x8 tiles on nuwa-video), and below.
-_T16_SM100 = _but(_T16_SM90, fwd={64: (64, 64, 4, 2)})
+_T16_SM100 = _but(_T16_SM90, fwd={64: (64, 64, 4, 2)}, dq={256: (64, 16, 4, 2)})
 # dQ at 64, 32 x 32: 16 B spilled on nuwa-video; at 128, 2 stages: 24 B on gpu-large.
 _T32_SM100 = _but(_T32_SM90, dq={64: (32, 16, 4, 2), 128: (32, 16, 4, 1)})
 # sm_120 (mma.sync, 99 KiB): the sm_86 table; its Blackwell pipeline spilled the
