@@ -168,13 +168,22 @@ def _frozen(meta: dict) -> Mapping[str, Any]:
     return MappingProxyType(meta)
 
 
-def _build_fwd(q, k, extent, causal, options, bias, arch, cfgs=None) -> LaunchPlan:
+def _build_query_tiles(kind: str, kernel, q, k, extent, causal, options, bias, arch, cfgs=None) -> LaunchPlan:
+    """The forward's or dQ's plan: one program per query tile (their grids and arguments match)."""
     B, T, H, W, n_heads, D = q.shape
-    cfg = (cfgs or _configs(q, k, extent, arch, causal, options, bias))["fwd"]
+    cfg = (cfgs or _configs(q, k, extent, arch, causal, options, bias))[kind]
     tab = window_table(q, k, extent, options)
     grid = (B * n_heads * _n_tiles((T, H, W), cfg.q_tile),)
     sizes = (T, H, W, *k.shape[1:4], *extent, n_heads, *_head_args(q, k, bias), D)
-    return LaunchPlan(fwd_kernel, grid, (_frozen(_meta(cfg, q, k, extent, causal, tab, bias)),), sizes, tab)
+    return LaunchPlan(kernel, grid, (_frozen(_meta(cfg, q, k, extent, causal, tab, bias)),), sizes, tab)
+
+
+def _build_fwd(q, k, extent, causal, options, bias, arch, cfgs=None) -> LaunchPlan:
+    return _build_query_tiles("fwd", fwd_kernel, q, k, extent, causal, options, bias, arch, cfgs)
+
+
+def _build_dq(q, k, extent, causal, options, bias, arch, cfgs=None) -> LaunchPlan:
+    return _build_query_tiles("dq", bwd_dq_kernel, q, k, extent, causal, options, bias, arch, cfgs)
 
 
 def _build_preprocess(q, k, extent, causal, options, bias, arch) -> LaunchPlan:
@@ -197,15 +206,6 @@ def _build_dkdv(q, k, extent, causal, options, bias, arch, cfgs=None) -> LaunchP
     passes = [(True, False), (False, True)] if cfg.split_dkdv else [(True, True)]
     return LaunchPlan(bwd_dkdv_kernel, grid, tuple(_frozen(dict(meta, DO_DK=a, DO_DV=b)) for a, b in passes),
                       sizes, tab)
-
-
-def _build_dq(q, k, extent, causal, options, bias, arch, cfgs=None) -> LaunchPlan:
-    B, T, H, W, n_heads, D = q.shape
-    cfg = (cfgs or _configs(q, k, extent, arch, causal, options, bias))["dq"]
-    tab = window_table(q, k, extent, options)
-    grid = (B * n_heads * _n_tiles((T, H, W), cfg.q_tile),)
-    sizes = (T, H, W, *k.shape[1:4], *extent, n_heads, *_head_args(q, k, bias), D)
-    return LaunchPlan(bwd_dq_kernel, grid, (_frozen(_meta(cfg, q, k, extent, causal, tab, bias)),), sizes, tab)
 
 
 def _build_bwd(q, k, extent, causal, options, bias, arch) -> BackwardPlan:
