@@ -82,8 +82,28 @@ def render(data) -> str:
            + (f" (OMP_WAIT_POLICY={meta['omp_wait_policy']})" if meta.get("omp_wait_policy") else "") + "; "
            f"load average (1/5/15 min) {load('loadavg_start')} at start, {load('loadavg_end')} at end"
            + (f" ({meta['started']} - {meta['ended']})" if meta.get("started") and meta.get("ended") else ""),
-           "", *rows, "", *_auto(recs), "", "SPEC targets (CPU, this run):", *_targets(recs, meta)]
+           "", *rows, "", *_auto(recs), *_variants(recs), "", "SPEC targets (CPU, this run):",
+           *_targets(recs, meta)]
     return "\n".join(out)
+
+
+def _variants(recs):
+    """The operator-v2 variant rows (``-k variant``): time against plain cpu-mid timed interleaved
+    in the same process, and per visible pair (the window options change how many keys a
+    query sees; issue 13's bound is 1.3)."""
+    rows = sorted((r for r in recs.values() if "vs_plain_paired" in r),
+                  key=lambda r: (r["device"], r["workload"], r["direction"]))
+    if not rows:
+        return []
+    lines = ["", "Variants vs plain cpu-mid (interleaved in one process; > 1: the variant is slower).", "",
+             "| device | variant | dir | ms | plain ms | variant / plain | per visible pair | peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["device"], r["workload"], r["direction"], _f(r["median_ms"], "{:.2f}"),
+            _f(r.get("plain_ms_paired"), "{:.2f}"), _f(r["vs_plain_paired"], "{:.2f}"),
+            _f(r.get("vs_plain_per_pair"), "{:.2f}"), _f(r.get("peak_mb"), "{:.0f}")]) + " |")
+    return lines
 
 
 def _name(r):
