@@ -137,3 +137,14 @@ WINDOW_PROBLEMS = [
     Problem(1, (2, 6, 5), 2, 8, (None, 1, 1), kv_grid=(3, 9, 7), border="shift", stride=(1, 2, 3),
             dilation=(1, 3, 2)),
 ]
+
+# WINDOW_PROBLEMS keep the frame axis plain; these dilate and stride it too, and mix the rest
+# (the window tests of both backends run them).
+FRAME_WINDOW_PROBLEMS = [
+    Problem(1, (5, 4, 6), 2, 8, (1, 1, 1), dilation=(2, 1, 2), stride=(2, 1, 1)),
+    Problem(1, (7, 4, 5), 1, 8, (1, 1, 1), dilation=(2, 1, 1), border="shift", causal=(True, False, False)),
+    Problem(2, (6, 5, 4), 1, 8, (2, 2, 1), stride=(3, 1, 2), causal=(True, False, False)),
+    Problem(1, (5, 3, 4), 2, 8, (1, 1, 1), kv_grid=(9, 5, 7), dilation=(3, 2, 1), stride=(1, 1, 3)),
+    Problem(1, (6, 6, 11), 1, 8, (1, 1, 2), causal=True, dilation=(2, 1, 2), stride=(2, 2, 1), border="shift"),
+    Problem(1, (3, 11, 7), 1, 8, (1, 2, 1), causal=(False, True, True), dilation=(1, 2, 2), border="shift"),
+]

@@ -16,21 +16,12 @@ from nuwa3dna.kernels.cpu.backward import backward
 from nuwa3dna.kernels.cpu.forward import forward
 from nuwa3dna.kernels.cpu.layout import relay, unrelay
 from nuwa3dna.kernels.cpu.planner import CpuConfig
-from nuwa3dna.kernels.problems import TEST_PROBLEMS, WINDOW_PROBLEMS, Problem
+from nuwa3dna.kernels.problems import FRAME_WINDOW_PROBLEMS, TEST_PROBLEMS, WINDOW_PROBLEMS, Problem
 from nuwa3dna.kernels import windows
 from nuwa3dna.kernels.windows import Options
 from nuwa3dna.reference import dense_nearby_attention
 
-# WINDOW_PROBLEMS never dilate or stride the frame axis; these do (and mix the rest).
-EXTRA = [
-    Problem(1, (5, 4, 6), 2, 8, (1, 1, 1), dilation=(2, 1, 2), stride=(2, 1, 1)),
-    Problem(1, (7, 4, 5), 1, 8, (1, 1, 1), dilation=(2, 1, 1), border="shift", causal=(True, False, False)),
-    Problem(2, (6, 5, 4), 1, 8, (2, 2, 1), stride=(3, 1, 2), causal=(True, False, False)),
-    Problem(1, (5, 3, 4), 2, 8, (1, 1, 1), kv_grid=(9, 5, 7), dilation=(3, 2, 1), stride=(1, 1, 3)),
-    Problem(1, (6, 6, 11), 1, 8, (1, 1, 2), causal=True, dilation=(2, 1, 2), stride=(2, 2, 1), border="shift"),
-    Problem(1, (3, 11, 7), 1, 8, (1, 2, 1), causal=(False, True, True), dilation=(1, 2, 2), border="shift"),
-]
-PROBLEMS = WINDOW_PROBLEMS + EXTRA
+PROBLEMS = WINDOW_PROBLEMS + FRAME_WINDOW_PROBLEMS
 
 
 def _run(fn, q, k, v, dout):
@@ -73,8 +64,8 @@ def _direct(p, q, k, v, dout, config):
 
 
 @pytest.mark.parametrize("tiles", [(1, 1), (2, 3), (3, 2), (16, 16)])
-@pytest.mark.parametrize("p", [WINDOW_PROBLEMS[2], WINDOW_PROBLEMS[6], WINDOW_PROBLEMS[9], EXTRA[1], EXTRA[5]],
-                         ids=lambda p: p.id)
+@pytest.mark.parametrize("p", [WINDOW_PROBLEMS[2], WINDOW_PROBLEMS[6], WINDOW_PROBLEMS[9], FRAME_WINDOW_PROBLEMS[1],
+                               FRAME_WINDOW_PROBLEMS[5]], ids=lambda p: p.id)
 def test_options_tile_shapes(p, tiles, gen):
     """Partial row tiles and strips, tiles larger than the grid, one-query tiles: fp64, tight."""
     q, k, v = p.make(torch.float64, generator=gen)

@@ -25,7 +25,7 @@ from nuwa3dna import natten as na
 from nuwa3dna.dispatch import choose_backend
 from nuwa3dna.kernels.windows import Options, axis_mask
 from nuwa3dna.problems import TEST_PROBLEMS, WORKLOADS, Problem
-from nuwa3dna.kernels.problems import WINDOW_PROBLEMS
+from nuwa3dna.kernels.problems import FRAME_WINDOW_PROBLEMS, WINDOW_PROBLEMS
 from nuwa3dna.ops import windowed_attention
 from nuwa3dna.reference import dense_nearby_attention, nearby_mask
 
@@ -36,15 +36,9 @@ from nuwa3dna.kernels.triton.plan import computed_pairs  # noqa: E402
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 
-# WINDOW_PROBLEMS keep the frame axis plain; these dilate and stride it, mix cross grids
-# (finer and coarser key grids) with shifted borders, and pad a head dim (40 -> 64).
-EXTRA = [
-    Problem(1, (5, 4, 6), 2, 8, (1, 1, 1), dilation=(2, 1, 2), stride=(2, 1, 1)),
-    Problem(1, (7, 4, 5), 1, 8, (1, 1, 1), dilation=(2, 1, 1), border="shift", causal=(True, False, False)),
-    Problem(2, (6, 5, 4), 1, 8, (2, 2, 1), stride=(3, 1, 2), causal=(True, False, False)),
-    Problem(1, (5, 3, 4), 2, 8, (1, 1, 1), kv_grid=(9, 5, 7), dilation=(3, 2, 1), stride=(1, 1, 3)),
-    Problem(1, (6, 6, 11), 1, 8, (1, 1, 2), causal=True, dilation=(2, 1, 2), stride=(2, 2, 1), border="shift"),
-    Problem(1, (3, 11, 7), 1, 8, (1, 2, 1), causal=(False, True, True), dilation=(1, 2, 2), border="shift"),
+# WINDOW_PROBLEMS keep the frame axis plain; FRAME_WINDOW_PROBLEMS dilate and stride it; these
+# also mix cross grids (finer and coarser key grids) with shifted borders, and pad a head dim (40 -> 64).
+EXTRA = FRAME_WINDOW_PROBLEMS + [
     Problem(1, (4, 5, 6), 2, 16, (1, 1, 1), kv_grid=(6, 7, 9), dilation=(2, 2, 3), border="shift"),
     Problem(1, (5, 9, 8), 1, 8, (1, 1, 1), kv_grid=(3, 4, 5), stride=(2, 3, 2), dilation=(1, 2, 1)),
     Problem(1, (3, 5, 7), 1, 40, (1, 1, 2), causal=True, dilation=(1, 2, 1), stride=(1, 1, 2)),
