@@ -14,7 +14,7 @@ import torch
 
 from nuwa3dna.kernels.env import interpreter_enabled
 from nuwa3dna.kernels.triton import plan, relayout
-from nuwa3dna.kernels.triton.tables import LAUNCH_TABLES, WINDOW_LAUNCH_TABLES
+from nuwa3dna.kernels.triton.tables import BIAS_ENTRIES, LAUNCH_TABLES, WINDOW_LAUNCH_TABLES
 from nuwa3dna.kernels.windows import Options
 
 Tile = Tuple[int, int, int]
@@ -185,8 +185,11 @@ def _bias_rows(entry, kind: str, block_d: int, dtype: torch.dtype, arch: int):
     halved (>= 16 rows: tl.dot), and the program's tile halved too, except for the 16-bit
     (family, kernel) pairs of ``_BIAS_KEEP_ROWS`` below head dim 256 (dK/dV: 128). sm_90's
     wgmma wants 64 rows; sm_100's dK/dV at 32 key rows spilled 8 B at head dim 64 (168
-    registers) where 64 did not, its dQ at 64 rows 80 B. Checked by kernels/report.py's
-    bias rows."""
+    registers) where 64 did not, its dQ at 64 rows 80 B. ``tables.BIAS_ENTRIES`` replaces
+    the halved entry where it spilled. Checked by kernels/report.py's bias rows."""
+    fixed = BIAS_ENTRIES.get((arch_family(arch), kind, "fp32" if dtype == torch.float32 else "16bit", block_d))
+    if fixed is not None:
+        return fixed
     outer = entry.outer
     keep = (arch_family(arch), kind) in _BIAS_KEEP_ROWS and dtype != torch.float32 \
         and block_d < (128 if kind == "dkdv" else 256)

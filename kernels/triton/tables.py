@@ -102,8 +102,9 @@ _T32_SM86 = _but(_T32_SM80, fwd={128: (16, 16, 8, 1)}, dkdv={256: (16, 16, 4, 1,
 # sm_100 (tcgen05, 227 KiB): the sm_90 tiles, but the 16-bit forward at 64 in 2 stages (3
 # spilled 8 B with the exact planner's 1x8x8 / 1x8x8 tiles on nuwa-video), and below.
 _T16_SM100 = _but(_T16_SM90, fwd={64: (64, 64, 4, 2)}, dq={256: (64, 16, 4, 2)})
-# dQ at 64, 32 x 32: 16 B spilled on nuwa-video; at 128, 2 stages: 24 B on gpu-large.
-_T32_SM100 = _but(_T32_SM90, dq={64: (32, 16, 4, 2), 128: (32, 16, 4, 1)})
+# dQ at 64, 32 x 32: 16 B spilled on nuwa-video; at 128, 2 stages: 24 B on gpu-large; the
+# forward at 64 in 2 stages: 8 B on the 1x1x65536 grid.
+_T32_SM100 = _but(_T32_SM90, fwd={64: (32, 32, 4, 1)}, dq={64: (32, 16, 4, 2), 128: (32, 16, 4, 1)})
 # sm_120 (mma.sync, 99 KiB): the sm_86 table; its Blackwell pipeline spilled the
 # 16-bit dQ at head dim 64 with 64 x 64 tiles (148 B) and the float32 forward at
 # 64 with 4 warps (52 B).
@@ -117,20 +118,24 @@ _T32_SM120 = _but(_T32_SM86, fwd={16: (64, 16, 4, 2), 64: (64, 16, 8, 2)})   # 1
 # report on cpu-mid-dilation and nuwa-video-stride). There the first spill-free of, in
 # order: one stage fewer, one stage, half the walked rows, the other warp count, half the
 # owned rows replaces the entry (ptxas caps some of these kernels' registers below 255,
-# e.g. 168 at 4 warps on sm_86, so the winner is not always the smallest tile).
-_W16_SM80 = _but(_T16_SM80, fwd={16: (64, 64, 4, 1), 64: (64, 32, 4, 1)},
+# e.g. 168 at 4 warps on sm_86, so the winner is not always the smallest tile). The forward
+# and dQ loop rewrite of issue 12 item 5 moved registers again: 11 more entries took the same
+# rule (sm_86 fp32 forward at 64: half the owned rows and 4 warps, the first that compiled clean).
+_W16_SM80 = _but(_T16_SM80, fwd={16: (64, 64, 4, 1), 64: (64, 32, 4, 1), 256: (64, 16, 8, 1)},
                  dq={32: (64, 64, 4, 2), 64: (64, 32, 4, 1), 128: (64, 32, 4, 1), 256: (64, 32, 8, 1)},
                  dkdv={256: (32, 16, 8, 1, True)})
 _W32_SM80 = _but(_T32_SM80, fwd={16: (64, 16, 4, 2), 32: (64, 32, 4, 1), 128: (32, 16, 8, 1)},
                  dq={32: (64, 32, 4, 1), 128: (32, 16, 8, 1)})
-_W16_SM86 = _but(_T16_SM86, fwd={16: (64, 64, 4, 1)}, dq={16: (64, 64, 4, 1)})
-_W32_SM86 = _but(_T32_SM86, fwd={16: (64, 32, 4, 1), 64: (64, 16, 8, 1)}, dq={32: (64, 32, 4, 1), 256: (16, 16, 8, 2)},
+_W16_SM86 = _but(_T16_SM86, fwd={16: (64, 64, 4, 1)}, dq={16: (64, 32, 4, 1)})
+_W32_SM86 = _but(_T32_SM86, fwd={16: (64, 32, 4, 1), 64: (32, 16, 4, 1)},
+                 dq={32: (64, 32, 4, 1), 128: (32, 16, 8, 1), 256: (16, 16, 8, 2)},
                  dkdv={32: (64, 16, 8, 1), 128: (16, 16, 4, 1, True)})
 # sm_90 16-bit at head dim 256: 32 owned rows (mma.sync, not wgmma); 64 spilled at any stages and warps.
-_W16_SM90 = _but(_T16_SM90, fwd={256: (32, 16, 4, 1)}, dq={256: (32, 16, 4, 1)})
-_W32_SM90 = _but(_T32_SM90, dq={32: (64, 32, 4, 1)})
+_W16_SM90 = _but(_T16_SM90, fwd={256: (32, 16, 4, 1)}, dq={256: (32, 16, 8, 1)})
+_W32_SM90 = _but(_T32_SM90, fwd={128: (16, 16, 8, 1)}, dq={32: (64, 32, 4, 1), 256: (16, 16, 8, 1)})
 _W16_SM100 = _but(_T16_SM100, fwd={256: (64, 16, 4, 1)}, dkdv={64: (64, 32, 4, 2)})
-_W32_SM100 = _but(_T32_SM100, fwd={128: (16, 16, 8, 1), 256: (16, 16, 8, 1)}, dq={32: (64, 32, 4, 1)})
+_W32_SM100 = _but(_T32_SM100, fwd={64: (32, 32, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
+                  dq={32: (64, 32, 4, 1), 128: (32, 16, 8, 1), 256: (16, 16, 8, 1)})
 _W16_SM120 = _but(_T16_SM120, fwd={16: (64, 64, 4, 1), 64: (64, 32, 4, 1)}, dq={64: (64, 32, 4, 1)},
                   dkdv={16: (64, 16, 8, 3), 64: (64, 32, 8, 2)})
 _W32_SM120 = _but(_T32_SM120, fwd={128: (16, 16, 8, 1)},
@@ -146,6 +151,15 @@ _TF32 = {80: _but(_T32_SM80, fwd={128: (32, 16, 8, 1)},
          120: _T32_SM120}
 _WTF32 = {80: _but(_W32_SM80, fwd={64: (32, 16, 4, 2)}), 86: _W32_SM86, 90: _W32_SM90, 100: _W32_SM100,
           120: _W32_SM120}
+
+# With a relative position bias the entries are halved (``configs._bias_rows``); where the
+# halved entry spilled at head dim 64 (the AOT report's kv2-bias rows, both window paths),
+# the first spill-free of the rule above, per (family, kernel, dtype class, padded head dim).
+BIAS_ENTRIES: Mapping[tuple, Entry] = MappingProxyType({
+    (80, "fwd", "fp32", 64): Entry(32, 16, 4, 1),       # 2 stages: 16 B
+    (86, "dq", "fp32", 64): Entry(32, 16, 4, 1),        # 2 stages: 44 B
+    (120, "fwd", "16bit", 64): Entry(32, 16, 8, 1),     # 4 warps: 24 B
+})
 
 LAUNCH_TABLES: Mapping[int, Mapping[str, Mapping[str, Mapping[int, Entry]]]] = _freeze({
     80: {"16bit": _T16_SM80, "fp32": _T32_SM80, "tf32": _TF32[80]},
