@@ -96,12 +96,13 @@ def test_report_uses_the_launch_configs(rows):
     """The table's warps/stages/tiles are the launchers' choice (one function picks both)."""
     from nuwa3dna.kernels.report import variant
 
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "tf32": torch.float32}
     for r in rows:
         p, _, bias_shape = variant(r["workload"])       # "base+variant": bias tiles (configs._bias_rows)
-        c = configs.pick_configs(p.q_grid, p.kv, p.resolved_extent, r["D"], dtypes[r["dtype"]],
-                                 int(r["arch"][3:]), p.causal is True, Options.of(p.causal, **p.options),
-                                 bias=bias_shape is not None)[r["kernel"].split(":")[0]]
+        cfgs = configs.pick_configs(p.q_grid, p.kv, p.resolved_extent, r["D"], dtypes[r["dtype"]],
+                                    int(r["arch"][3:]), p.causal is True, Options.of(p.causal, **p.options),
+                                    bias=bias_shape is not None, tf32=r["dtype"] == "tf32")
+        c = cfgs[r["kernel"].split(":")[0]]
         assert (r["num_warps"], r["num_stages"]) == (c.num_warps, c.num_stages)
         if r["kernel"] != "preprocess":
             assert r["tiles"] == "x".join(map(str, c.q_tile)) + "/" + "x".join(map(str, c.k_tile))
