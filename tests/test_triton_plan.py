@@ -19,7 +19,7 @@ from nuwa3dna.kernels.windows import Options
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 from nuwa3dna.kernels.triton import launch  # noqa: E402  (after the interpreter is on)
-from nuwa3dna.kernels.triton.launch import PlanCache  # noqa: E402
+from nuwa3dna.kernels.triton.plancache import PlanCache  # noqa: E402
 
 EXTENT = (1, 2, 2)
 

@@ -41,9 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
-import threading
-from collections import OrderedDict
 from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple, Optional, Tuple
 
@@ -55,6 +52,7 @@ from nuwa3dna.kernels.triton.backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd
 from nuwa3dna.kernels.triton.configs import LaunchConfig, dot_mode, float32_tf32
 from nuwa3dna.kernels.triton.forward import fwd_kernel
 from nuwa3dna.kernels.triton.jit import LOG2E
+from nuwa3dna.kernels.triton.plancache import PlanCache
 from nuwa3dna.kernels.windows import Options
 
 
@@ -217,66 +215,6 @@ def _build_bwd(q, k, extent, causal, options, bias, arch) -> BackwardPlan:
 
 _BUILDERS = {"fwd": _build_fwd, "preprocess": _build_preprocess, "dkdv": _build_dkdv, "dq": _build_dq,
              "bwd": _build_bwd}
-
-
-def _host_bytes(obj) -> int:
-    """Approximate host bytes of a key or plan: its containers and the numbers and strings
-    in them. Shared objects (kernels, functions, devices, dtypes) and tensors are not counted."""
-    if isinstance(obj, (tuple, list)):
-        return sys.getsizeof(obj) + sum(_host_bytes(x) for x in obj)
-    if isinstance(obj, (dict, MappingProxyType)):
-        return sys.getsizeof(dict(obj)) + sum(_host_bytes(a) + _host_bytes(b) for a, b in obj.items())
-    if isinstance(obj, (int, float, str)):
-        return sys.getsizeof(obj)
-    return 0
-
-
-def _tables(plan) -> list:
-    plans = plan if isinstance(plan, BackwardPlan) else (plan,)
-    return [p.tab for p in plans if p.tab is not None]
-
-
-class PlanCache:
-    """A thread-safe LRU of launch plans: at most ``maxsize`` entries, the least recently
-    used dropped first. A miss builds outside the lock (a new grid's tile planning takes
-    milliseconds), so two threads may build the same plan once each; both are equal and
-    the later one is kept."""
-
-    def __init__(self, maxsize: int):
-        self.maxsize = maxsize
-        self._plans: "OrderedDict[tuple, tuple]" = OrderedDict()     # key -> (plan, host bytes)
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple, build, *args):
-        with self._lock:
-            hit = self._plans.get(key)
-            if hit is not None:
-                self._plans.move_to_end(key)
-                return hit[0]
-        plan = build(*args)
-        nbytes = _host_bytes(key) + _host_bytes(plan)
-        with self._lock:
-            self._plans[key] = (plan, nbytes)
-            self._plans.move_to_end(key)
-            while len(self._plans) > self.maxsize:
-                self._plans.popitem(last=False)
-        return plan
-
-    def __len__(self) -> int:
-        return len(self._plans)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._plans.clear()
-
-    def nbytes(self) -> int:
-        """Host bytes of the keys and plans (approximate, ``_host_bytes``) plus the device
-        bytes of the window tables they hold (each counted once; tables on "meta" hold none)."""
-        with self._lock:
-            entries = list(self._plans.values())
-        tabs = {id(t): t for plan, _ in entries for t in _tables(plan)}
-        return sum(n for _, n in entries) + sum(t.untyped_storage().nbytes() for t in tabs.values()
-                                                if t.device.type != "meta")
 
 
 # 256 plans: a model needs two per kind of attention layer (a forward and a backward key per
