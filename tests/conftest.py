@@ -1,6 +1,8 @@
 """Test setup: the Triton interpreter must be on before any kernel is defined,
 so it is set here, before the package is imported (CPU-only machines)."""
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -78,3 +80,17 @@ def strategy(request, monkeypatch):
     from nuwa3dna.kernels.cpu import planner
     monkeypatch.setattr(planner, "DEFAULT", dataclasses.replace(planner.DEFAULT, **CPU_STRATEGIES[request.param]))
     return request.param
+
+
+@pytest.fixture(scope="session")
+def run_compiled():
+    """``run(*args, timeout=600, ok=(0,))``: ``python *args`` in a fresh process with the
+    Triton interpreter off (ahead-of-time compiles need real ``@triton.jit`` kernels, and
+    this process has the interpreter on); checks the exit status is in ``ok`` and returns
+    stdout."""
+    def run(*args, timeout=600, ok=(0,)):
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        res = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+        assert res.returncode in ok, res.stderr[-4000:]
+        return res.stdout
+    return run

@@ -10,9 +10,6 @@ interpreter off (tests/conftest.py turns it on here; interpreted kernels cannot 
 compiled); its registers are not pinned (the kernels change).
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -218,14 +215,11 @@ def test_sm_limits_agree_with_the_launch_tables():
         assert lim.max_warps in (48, 64) and lim.max_blocks in (16, 24, 32)
 
 
-def test_compiled_columns_of_gpu_large_on_sm_90():
+def test_compiled_columns_of_gpu_large_on_sm_90(run_compiled):
     """``kernel_usage`` compiles the row's kernels with the launchers' configs (kernels/report.py)."""
     code = ("import json; from nuwa3dna.kernels import perf\n"
             "print(json.dumps({p: perf.kernel_usage('gpu-large', p, 90) for p in ('fwd', 'bwd')}))\n")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = json.loads(run_compiled("-c", code, timeout=900).strip().splitlines()[-1])
     assert set(out["fwd"]) == {"fwd"} and set(out["bwd"]) == {"preprocess", "dq", "dkdv"}
     for usage in (*out["fwd"].values(), *out["bwd"].values()):
         assert usage["regs"] > 0 and usage["spills"] == 0 and usage["ctas"] >= 1, usage

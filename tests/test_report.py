@@ -20,9 +20,6 @@ Untested: that a GPU driver reports the same registers (no GPU in CI).
 """
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -38,12 +35,9 @@ ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")
 
 
 @pytest.fixture(scope="module")
-def rows():
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-m", "nuwa3dna.kernels.report", "--quick", "--json"],
-                         env=env, capture_output=True, text=True, timeout=1800)
-    assert res.returncode in (0, 1), res.stderr[-4000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def rows(run_compiled):
+    out = run_compiled("-m", "nuwa3dna.kernels.report", "--quick", "--json", timeout=1800, ok=(0, 1))
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_every_kernel_compiled(rows):
@@ -178,7 +172,7 @@ def test_perf_rows_of_heads_bias_and_global_tokens():
     assert by["cpu-mid+bias", "fwd"]["visible"] == by["cpu-mid", "fwd"]["visible"]
 
 
-def test_report_variants_launch_the_variant_kernels():
+def test_report_variants_launch_the_variant_kernels(run_compiled):
     """``base+variant`` workloads of the AOT report launch the GROUPED / HAS_BIAS kernels with
     the variant's kv heads and a bias shaped by the base workload's extent; plain ones do not."""
     code = ("import json; from nuwa3dna.kernels import report; import torch\n"
@@ -187,10 +181,7 @@ def test_report_variants_launch_the_variant_kernels():
             "    specs = report.launch_specs(wl, 64, torch.bfloat16, 90)\n"
             "    out[wl] = {k: [s[3].get('GROUPED'), s[3].get('HAS_BIAS'), s[1][0]] for k, s in specs.items()}\n"
             "print(json.dumps(out))\n")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = json.loads(run_compiled("-c", code, timeout=300).strip().splitlines()[-1])
     for kind in ("fwd", "dq", "dkdv"):
         assert out["gpu-large"][kind][:2] == [False, False]
         assert out["gpu-large+kv2-bias"][kind][:2] == [True, True]
@@ -198,24 +189,17 @@ def test_report_variants_launch_the_variant_kernels():
     assert out["gpu-large+kv2-bias"]["dkdv"][2] < out["gpu-large"]["dkdv"][2]     # programs per kv head
 
 
-def test_perf_command():
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-m", "nuwa3dna.kernels.report", "--perf"], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    head, *lines = res.stdout.strip().splitlines()
+def test_perf_command(run_compiled):
+    head, *lines = run_compiled("-m", "nuwa3dna.kernels.report", "--perf", timeout=300).strip().splitlines()
     assert all(col in head for col in ("useful %", "predicted us", "roofline us", "computed", "visible"))
     assert len(lines) == (6 + 4 + 3) * 2 * 2
 
 
-def test_sass_loop_of_the_forward():
+def test_sass_loop_of_the_forward(run_compiled):
     """``report --perf --sass``: the gpu-large bf16 sm_90 forward loop, found in the SASS
     (nvdisasm of the cubin), holds the 12 HGMMA of one iteration (Q K^T, and P V as
     bf16 hi + lo: 3 x 4 k-steps of 16 at head dim 64)."""
     code = ("import json; from nuwa3dna.kernels import perf\n"
             "print(json.dumps(perf.sass_loop('gpu-large', 'fwd', 64)))\n")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    s = json.loads(res.stdout.strip().splitlines()[-1])
+    s = json.loads(run_compiled("-c", code).strip().splitlines()[-1])
     assert s["mma"] == 12 and s["instructions"] > s["mma"], s

@@ -6,9 +6,6 @@ Triton interpreter on CPU (tests/conftest.py), compiled where CUDA is available.
 """
 import itertools
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -29,7 +26,7 @@ from nuwa3dna.kernels.triton.tables import LAUNCH_TABLES  # noqa: E402
 BY_ID = {p.id: p for p in TEST_PROBLEMS}
 
 
-def test_library_loads_without_triton():
+def test_library_loads_without_triton(run_compiled):
     """nuwa3dna, the kernels.triton package and its configs import no Triton, so the
     library (and backend="torch") works where Triton is absent."""
     code = ("import sys; sys.modules['triton'] = None\n"
@@ -37,9 +34,7 @@ def test_library_loads_without_triton():
             "q = torch.randn(1, 2, 3, 4, 2, 8)\n"
             "assert nuwa3dna.nearby_attention(q, q, q, 1, backend='torch').shape == q.shape\n"
             "c.pick_configs((2, 3, 4), (2, 3, 4), (1, 1, 1), 8, torch.float32)\n")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_compiled("-c", code, timeout=300)
 
 
 @pytest.mark.parametrize("family", sorted(LAUNCH_TABLES))
