@@ -20,7 +20,6 @@ Pure Python (no Triton, no torch).
 """
 from __future__ import annotations
 
-import functools
 from typing import List, Sequence, Tuple
 
 Tile = Tuple[int, int, int]
@@ -72,7 +71,6 @@ def _inside(lo: int, hi: int, k: int, n: int) -> int:
     return max(min(lo, n - _cdiv(hi - lo, k) * k), 0)
 
 
-@functools.lru_cache(maxsize=1024)
 def keys_inside(q_grid: Tile, kv_grid: Tile, extent: Tile, q_tile: Tile, k_tile: Tile) -> bool:
     """True when every key tile the forward and dQ kernels walk (plain windows) lies inside
     the key grid, so their key loads need no mask (their KEYS_INSIDE): per axis h, w, each
